@@ -1,0 +1,49 @@
+"""quota-middleware: enforce upstream quotas at the edge of an ASGI app."""
+
+from .asgi import QuotaMiddleware
+from .errors import (
+    ConfigurationError,
+    IdentityError,
+    QuotaError,
+    SourceError,
+    SourceInvalid,
+    SourceRejected,
+    SourceUnavailable,
+    StoreError,
+)
+from .identity import HeaderIdentity, ScopeStateIdentity
+from .quotas import UNLIMITED, Quotas
+from .rendering import Rejection, Rendered, barbican_error, problem_json
+from .rules import Rule
+from .sources import BarbicanSource, HTTPSource, QuotaSource, StaticSource
+from .stores import Bucket, Decision, MemoryStore, RedisStore, Reservation, Store
+
+__all__ = [
+    "UNLIMITED",
+    "BarbicanSource",
+    "Bucket",
+    "ConfigurationError",
+    "Decision",
+    "HTTPSource",
+    "HeaderIdentity",
+    "IdentityError",
+    "MemoryStore",
+    "QuotaError",
+    "QuotaMiddleware",
+    "QuotaSource",
+    "Quotas",
+    "RedisStore",
+    "Rejection",
+    "Rendered",
+    "Reservation",
+    "ScopeStateIdentity",
+    "SourceError",
+    "SourceInvalid",
+    "SourceRejected",
+    "SourceUnavailable",
+    "StaticSource",
+    "Store",
+    "StoreError",
+    "barbican_error",
+    "problem_json",
+]

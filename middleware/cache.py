@@ -1,0 +1,129 @@
+"""Effective quotas, cached: in-process LRU in front of a shared copy in the store.
+
+A warm project costs one dict lookup: no Redis, no upstream. A cold one reads the shared copy
+(one Redis GET) and only then asks the upstream, once per project per process however many
+requests arrive meanwhile (single flight). Freshness carries jitter so that workers do not all
+refresh at once. While the upstream fails, a copy past its TTL is still served up to a stale
+bound; after that the error goes to the caller's failure policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from .errors import SourceError, SourceInvalid, SourceRejected, StoreError
+from .keys import quotas_key
+from .quotas import Quotas
+from .sources.base import QuotaSource
+from .stores.base import Store
+
+logger = logging.getLogger("middleware.cache")
+
+SERVING_STALE = "quota API failed (%s); serving quotas of project %r cached %.0fs ago"
+SHARED_COPY_UNUSABLE = "shared quota copy unusable (%s); asking the quota API"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    quotas: Quotas
+    fetched_at: float
+    fresh_until: float
+    stale_until: float
+
+
+class QuotaCache:
+    def __init__(self, source: QuotaSource, store: Store, *, ttl: float = 60.0, jitter: float = 0.1,
+                 stale: float = 300.0, maxsize: int = 10_000, prefix: str = "quota:",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self.store = store
+        self.ttl = ttl
+        self.jitter = jitter
+        self.stale = stale
+        self.prefix = prefix
+        self._clock = clock
+        self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
+        self._inflight: dict[str, asyncio.Future[Quotas]] = {}
+        self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
+
+    async def get(self, project: str, headers: Headers) -> Quotas:
+        """Effective quotas of ``project``; ``headers`` are the request's, read only on a miss."""
+        entry = self._local.get(project)
+        if entry is not None and self._clock() < entry.fresh_until:
+            return entry.quotas
+        if not self.source.cacheable:
+            return await self.source.fetch(project, self._forwarded(headers))
+        pending = self._inflight.get(project)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(project, headers, entry))
+            self._inflight[project] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(project, None))
+            return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except SourceRejected:
+            # Another caller's credential was refused; this caller's own may be fine.
+            return await self.source.fetch(project, self._forwarded(headers))
+
+    def invalidate(self, project: str) -> None:
+        self._local.pop(project, None)
+
+    async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
+        now = self._clock()
+        key = quotas_key(self.prefix, project, self.source.namespace)
+        if self.store.shares_cache:
+            shared = await self._read_shared(key)
+            if shared is not None and now < shared.fresh_until:
+                self._local[project] = shared
+                return shared.quotas
+            if shared is not None and (stale is None or shared.fetched_at > stale.fetched_at):
+                stale = shared
+        try:
+            quotas = await self.source.fetch(project, self._forwarded(headers))
+        except SourceRejected:
+            raise  # a refused credential is the caller's answer, never served from cache
+        except SourceError as exc:
+            if stale is not None and now < stale.stale_until:
+                logger.warning(SERVING_STALE, exc, project, now - stale.fetched_at)
+                return stale.quotas
+            raise
+        entry = self._entry(quotas, now)
+        self._local[project] = entry
+        if self.store.shares_cache:
+            blob = json.dumps({"fetched_at": now, "limits": dict(quotas.limits)}).encode()
+            try:
+                await self.store.save_quotas(key, blob, int((self.ttl + self.stale) * 1000))
+            except StoreError as exc:
+                logger.warning("could not share cached quotas of project %r: %s", project, exc)
+        return quotas
+
+    async def _read_shared(self, key: str) -> _Entry | None:
+        try:
+            blob = await self.store.load_quotas(key)
+            if blob is None:
+                return None
+            doc = json.loads(blob)
+            fetched_at = float(doc["fetched_at"])
+            return self._entry(Quotas.loads(blob), fetched_at)
+        except (StoreError, SourceInvalid, ValueError, KeyError, TypeError) as exc:
+            logger.warning(SHARED_COPY_UNUSABLE, exc)
+            return None
+
+    def _entry(self, quotas: Quotas, fetched_at: float) -> _Entry:
+        fresh = self.ttl * (1 - self.jitter * random.random())
+        return _Entry(quotas, fetched_at, fetched_at + fresh, fetched_at + self.ttl + self.stale)
+
+    def _forwarded(self, headers: Headers) -> Mapping[str, str]:
+        if not self._forward:
+            return {}
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in self._forward}

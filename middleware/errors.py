@@ -1,0 +1,61 @@
+"""Exceptions raised by quota-middleware.
+
+Runtime failures share one root; configuration mistakes stand apart::
+
+    QuotaError                  a failure while serving a request
+    ├── IdentityError           the request names no usable project (client's fault, 4xx)
+    ├── SourceError             the quota API could not give an answer
+    │   ├── SourceUnavailable   network error, timeout, 5xx, 429 (retry later)
+    │   ├── SourceRejected      401/403/404: the upstream refused this caller (never cached)
+    │   └── SourceInvalid       the upstream answered something that is not a quota document
+    └── StoreError              Redis (or another store) failed or timed out
+
+    ConfigurationError          the middleware was set up wrong (raised at start-up)
+
+"Over quota" is not an exception: it is a Decision whose ``admitted`` is False.
+"""
+
+from __future__ import annotations
+
+
+class QuotaError(Exception):
+    """Root of every runtime failure of the middleware."""
+
+
+class IdentityError(QuotaError):
+    """The request carries no project identity, or one we refuse to key anything by."""
+
+    def __init__(self, message: str, *, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class SourceError(QuotaError):
+    """The upstream quota API gave no usable answer."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: The upstream's HTTP status, when there was one.
+        self.status_code = status_code
+        #: Seconds the upstream asked us to wait (its ``Retry-After``), when it said.
+        self.retry_after = retry_after
+
+
+class SourceUnavailable(SourceError):
+    """Network error, timeout, 5xx or 429: the answer may come later."""
+
+
+class SourceRejected(SourceError):
+    """The upstream refused the credential or does not know the project (401/403/404)."""
+
+
+class SourceInvalid(SourceError):
+    """The upstream answered, but not with a quota document of the expected shape."""
+
+
+class StoreError(QuotaError):
+    """The usage store failed (connection refused, timeout, script error)."""
+
+
+class ConfigurationError(ValueError):
+    """The middleware, a rule, a source or a store was configured wrong."""

@@ -1,0 +1,73 @@
+"""Which project a request belongs to.
+
+The identity must come from a trusted place: by default the ``X-Project-Id`` header, which an
+authentication layer in front of the app (keystonemiddleware, an API gateway) sets after checking
+the caller's token. A deployment where clients can reach the app without that layer must strip
+the header at its edge, or use another identity (scope state or a callable), or any client could
+name any project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ConfigurationError, IdentityError
+
+Scope = dict[str, Any]
+#: Any callable taking the ASGI scope and returning the raw project id, or None when absent.
+IdentityFn = Callable[[Scope], "str | bytes | None"]
+
+MAX_PROJECT_LENGTH = 255
+
+
+class HeaderIdentity:
+    """The project from a request header set by a trusted auth layer (default ``X-Project-Id``)."""
+
+    def __init__(self, name: str = "X-Project-Id") -> None:
+        self._name = name.lower().encode("latin-1")
+        self.description = f"the {name} header"
+
+    def __call__(self, scope: Scope) -> bytes | None:
+        for key, value in scope["headers"]:
+            if key == self._name:
+                return value  # type: ignore[no-any-return]
+        return None
+
+
+class ScopeStateIdentity:
+    """The project from ``scope["state"][key]``, where an auth middleware put it."""
+
+    def __init__(self, key: str = "project_id") -> None:
+        self._key = key
+        self.description = f"scope state {key!r}"
+
+    def __call__(self, scope: Scope) -> str | None:
+        value = (scope.get("state") or {}).get(self._key)
+        return value if isinstance(value, str) else None
+
+
+class Identity:
+    """Validates what an identity function returns; one instance per middleware."""
+
+    def __init__(self, fn: IdentityFn | None) -> None:
+        fn = HeaderIdentity() if fn is None else fn
+        if not callable(fn):
+            raise ConfigurationError(f"identity must be a callable taking the ASGI scope, got {fn!r}")
+        self._fn = fn
+        self.description = getattr(fn, "description", "the project identity")
+
+    def __call__(self, scope: Scope) -> str:
+        raw = self._fn(scope)
+        if raw is None or len(raw) == 0:
+            raise IdentityError(f"No project identity: {self.description} is missing.", status_code=401)
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise IdentityError(f"{self.description} is not valid UTF-8.") from None
+        if len(raw) > MAX_PROJECT_LENGTH:
+            raise IdentityError(f"{self.description} is longer than {MAX_PROJECT_LENGTH} characters.")
+        if not raw.isprintable() or raw != raw.strip():
+            raise IdentityError(f"{self.description} contains control characters or surrounding spaces.")
+        return raw

@@ -1,0 +1,37 @@
+"""Redis key names.
+
+Every key of one project shares the hash tag ``{<project>}`` so that one script touching a
+project's keys runs on Redis Cluster. Identities and resource names are percent-encoded: the
+encoded form never contains ``{``, ``}``, ``:`` or whitespace, and encoding is injective, so no
+input can reach another tenant's keys or move a key to another slot.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+# Only unreserved characters stay readable; '%' itself is encoded, which keeps the mapping injective.
+_SAFE = "-._~"
+
+
+def escape(value: str) -> str:
+    """Percent-encode ``value`` (UTF-8) so it can stand inside a key between ':' separators."""
+    return quote(value, safe=_SAFE)
+
+
+def project_tag(prefix: str, project: str) -> str:
+    """The common start of every key of ``project``: ``<prefix>{<escaped project>}``."""
+    return f"{prefix}{{{escape(project)}}}"
+
+
+def counter_keys(prefix: str, project: str, resource: str, window: int | None = None) -> tuple[str, str]:
+    """(usage counter, lease set) of one project, resource and (optional) window start."""
+    base = f"{project_tag(prefix, project)}:{escape(resource)}"
+    if window is not None:
+        base = f"{base}:w{window}"
+    return f"{base}:used", f"{base}:leases"
+
+
+def quotas_key(prefix: str, project: str, namespace: str) -> str:
+    """Where the shared copy of a project's effective quotas from one source lives."""
+    return f"{project_tag(prefix, project)}:quotas:{escape(namespace)}"

@@ -1,0 +1,88 @@
+"""How the middleware answers when it will not let a request through, and its RateLimit headers.
+
+The default body is Barbican's error shape ``{"code", "title", "description"}``; pass another
+renderer (``problem_json`` or your own) to the middleware to change it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a request was refused; what a renderer turns into a response."""
+
+    status: int
+    description: str
+    project: str | None = None
+    resource: str | None = None
+    limit: int | None = None
+    used: int | None = None
+    retry_after: float | None = None
+    headers: RawHeaders = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    status: int
+    headers: RawHeaders
+    body: bytes
+
+
+Renderer = Callable[[Rejection], Rendered]
+
+
+def _with_retry_after(rejection: Rejection, content_type: bytes, body: bytes) -> Rendered:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *rejection.headers]
+    if rejection.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(rejection.retry_after))).encode()))
+    return Rendered(rejection.status, headers, body)
+
+
+def barbican_error(rejection: Rejection) -> Rendered:
+    """Barbican's error body: ``{"code": 403, "title": "Forbidden", "description": "..."}``."""
+    body = json.dumps({"code": rejection.status, "title": rejection.title,
+                       "description": rejection.description}).encode()
+    return _with_retry_after(rejection, b"application/json", body)
+
+
+def problem_json(rejection: Rejection) -> Rendered:
+    """RFC 9457 problem details, with the quota facts as extension members."""
+    doc: dict[str, object] = {"type": "about:blank", "title": rejection.title, "status": rejection.status,
+                              "detail": rejection.description}
+    for name in ("project", "resource", "limit", "used"):
+        value = getattr(rejection, name)
+        if value is not None:
+            doc[name] = value
+    return _with_retry_after(rejection, b"application/problem+json", json.dumps(doc).encode())
+
+
+def _sf_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ratelimit_headers(resource: str, limit: int, used: int, reset: float | None = None) -> RawHeaders:
+    """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers) for one limit.
+
+    A count quota has no window, so neither ``w`` nor ``t`` is sent; an unlimited one sends nothing.
+    """
+    if limit < 0:
+        return []
+    name = _sf_string(resource)
+    remaining = max(0, limit - used)
+    state = f"{name};r={remaining}"
+    policy = f"{name};q={limit}"
+    if reset is not None:
+        state += f";t={max(0, int(reset))}"
+    return [(b"ratelimit-policy", policy.encode("ascii", "backslashreplace")),
+            (b"ratelimit", state.encode("ascii", "backslashreplace"))]

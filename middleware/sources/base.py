@@ -1,0 +1,101 @@
+"""What a quota source is, and the HTTP plumbing the upstream sources share."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+from datetime import datetime, timezone
+
+import httpx
+
+from ..errors import SourceInvalid, SourceRejected, SourceUnavailable
+from ..quotas import Quotas
+
+DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+#: Quota documents are small; anything larger is not one.
+MAX_BODY_BYTES = 1 << 20
+
+
+class QuotaSource(ABC):
+    """Answers "what are the effective quotas of project P"."""
+
+    #: Names this source's entries in the shared quota cache.
+    namespace: str = "source"
+    #: Request headers the source needs from the caller (e.g. Barbican's X-Auth-Token).
+    forward_headers: tuple[str, ...] = ()
+    #: False for sources that answer from memory: caching them gains nothing.
+    cacheable: bool = True
+
+    @abstractmethod
+    async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
+        """Effective quotas of ``project``; ``headers`` holds the ``forward_headers`` present."""
+
+    async def aclose(self) -> None:
+        """Release connections; called when the middleware shuts down."""
+
+
+class HTTPSource(QuotaSource):
+    """A source behind an HTTP API, fetched with one shared ``httpx.AsyncClient``."""
+
+    def __init__(self, base_url: str, *, client: httpx.AsyncClient | None = None,
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def get_json(self, path: str, *, headers: Mapping[str, str], params: Mapping[str, str] | None = None,
+                       media_types: tuple[str, ...] = ("application/json",)) -> Any:
+        """GET a JSON document, mapping every failure to a SourceError subclass."""
+        url = f"{self.base_url}{path}"
+        try:
+            response = await self._client.get(url, headers=dict(headers), params=params)
+        except httpx.TimeoutException as exc:
+            raise SourceUnavailable(f"quota API timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise SourceUnavailable(f"quota API unreachable ({type(exc).__name__})") from exc
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise SourceUnavailable(f"quota API answered {status}{self.describe_error(response)}",
+                                    status_code=status, retry_after=retry_after(response))
+        if status in (401, 403, 404):
+            raise SourceRejected(f"quota API answered {status}{self.describe_error(response)}", status_code=status)
+        if status != 200:
+            raise SourceInvalid(f"quota API answered unexpected status {status}", status_code=status)
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in media_types:
+            raise SourceInvalid(f"quota API answered media type {content_type or 'none'!r}, "
+                                f"expected {' or '.join(media_types)}", status_code=status)
+        if len(response.content) > MAX_BODY_BYTES:
+            raise SourceInvalid("quota API answered an oversized body", status_code=status)
+        try:
+            return json.loads(response.content)
+        except ValueError as exc:
+            raise SourceInvalid("quota API answered a body that is not JSON", status_code=status) from exc
+
+    def describe_error(self, response: httpx.Response) -> str:
+        """A short, safe summary of an upstream error body (overridden per API)."""
+        return ""
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), None when absent or bad."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

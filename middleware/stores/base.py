@@ -1,0 +1,93 @@
+"""The store contract: where usage lives, decided atomically.
+
+A *bucket* is one project's usage of one resource (optionally in one time window). Usage counts
+committed creations plus live reservations. ``reserve`` checks and reserves in one atomic step;
+each reservation carries a lease: ``commit`` keeps its cost, ``refund`` gives it back, and a lease
+never settled (a worker killed mid-request) is given back by the store once it expires.
+
+Every store implements this whole contract, and one contract test suite runs over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    project: str
+    resource: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    bucket: Bucket
+    cost: int
+    #: Unique per reservation, with the cost appended so that an expiring lease knows what to give back.
+    member: str
+    #: Epoch milliseconds after which the store may give the reservation back by itself.
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    admitted: bool
+    #: Usage of the bucket after this decision (including the reservation when admitted).
+    used: int
+    limit: int
+    reservation: Reservation | None = None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+def new_member(cost: int) -> str:
+    return f"{os.urandom(9).hex()}:{cost}"
+
+
+class Store(ABC):
+    """Usage counters, reservations, and the shared copy of cached quotas."""
+
+    #: True when the quota cache should keep a shared copy here (pointless for one process).
+    shares_cache: bool = False
+
+    @abstractmethod
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
+        """Admit and reserve ``cost`` if ``used + cost <= limit`` (a negative limit admits all)."""
+
+    @abstractmethod
+    async def commit(self, reservation: Reservation) -> None:
+        """Keep the reservation's cost for good. A commit after the lease expired counts it again."""
+
+    @abstractmethod
+    async def refund(self, reservation: Reservation) -> None:
+        """Give the reservation's cost back (once, even if the lease already expired)."""
+
+    @abstractmethod
+    async def release(self, bucket: Bucket, cost: int) -> int:
+        """Give ``cost`` back after a delete, never below zero; returns the new usage."""
+
+    @abstractmethod
+    async def usage(self, bucket: Bucket) -> int:
+        """Current usage, after expired leases were given back."""
+
+    @abstractmethod
+    async def set_usage(self, bucket: Bucket, value: int) -> None:
+        """Overwrite usage (operators, tests); live leases are left alone."""
+
+    async def load_quotas(self, key: str) -> bytes | None:
+        """The shared copy of a project's cached quotas, if this store keeps one."""
+        return None
+
+    async def save_quotas(self, key: str, blob: bytes, ttl_ms: int) -> None:
+        """Keep a shared copy of cached quotas for ``ttl_ms``."""
+
+    async def flush(self) -> None:
+        """Wait until every settlement handed to the store so far is applied."""
+
+    async def aclose(self) -> None:
+        """Flush and release connections."""
+        await self.flush()

@@ -1,0 +1,183 @@
+"""Usage in Redis, shared by every worker and host.
+
+All operations one process issues within one event-loop tick (and while the previous round trip
+is in flight) go to Redis as a single script call: one round trip decides a whole batch of
+requests, atomically and in order. At low load a batch holds one operation and costs one round
+trip; under load the Redis cost per request falls. Only one batch is in flight at a time, so a
+later operation (a usage read, say) always sees the settlements handed over before it.
+
+Commits and refunds are handed over without waiting for the answer: the response is already on
+its way and the lease protects the count if the settlement is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from ..errors import StoreError
+from ..keys import counter_keys
+from .base import Bucket, Decision, Reservation, Store, new_member
+
+logger = logging.getLogger("middleware.store")
+
+SETTLEMENT_LOST = "quota settlement was not applied; the lease will settle it: %s"
+BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
+#: Operations per script call: bounds the time one call blocks Redis.
+MAX_BATCH = 256
+
+_Op = tuple[str, str, str, str, int, int, int, "asyncio.Future[list[Any]] | None"]
+
+
+class RedisStore(Store):
+    shares_cache = True
+
+    def __init__(self, redis: str | aioredis.Redis | RedisCluster, *, prefix: str = "quota:",
+                 timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        if isinstance(redis, str):
+            redis = aioredis.Redis.from_url(redis, socket_timeout=timeout, socket_connect_timeout=timeout)
+            self._owns_client = True
+        else:
+            self._owns_client = False
+        self.client = redis
+        self.prefix = prefix
+        self.timeout = timeout
+        self._clock = clock
+        # register_script does no I/O; each call tries EVALSHA and reloads the script on NOSCRIPT.
+        self._script = redis.register_script(BATCH_SCRIPT)
+        self._cluster = isinstance(redis, RedisCluster)
+        self._queue: list[_Op] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
+        member = new_member(cost)
+        expires = int(self._clock() * 1000) + lease_ms
+        flag, used = await self._call("r", self._keys(bucket), member, cost, limit, expires)
+        if flag != 1:
+            return Decision(False, used, limit)
+        return Decision(True, used, limit, Reservation(bucket, cost, member, expires))
+
+    async def commit(self, reservation: Reservation) -> None:
+        self._enqueue("c", self._keys(reservation.bucket), reservation.member, reservation.cost, 0, 0, None)
+
+    async def refund(self, reservation: Reservation) -> None:
+        self._enqueue("f", self._keys(reservation.bucket), reservation.member, reservation.cost, 0, 0, None)
+
+    async def release(self, bucket: Bucket, cost: int) -> int:
+        return (await self._call("l", self._keys(bucket), "", cost, 0, 0))[1]
+
+    async def usage(self, bucket: Bucket) -> int:
+        return (await self._call("u", self._keys(bucket), "", 0, 0, 0))[1]
+
+    async def set_usage(self, bucket: Bucket, value: int) -> None:
+        await self._call("s", self._keys(bucket), "", value, 0, 0)
+
+    async def load_quotas(self, key: str) -> bytes | None:
+        return await self._guard(self.client.get(key))  # type: ignore[no-any-return]
+
+    async def save_quotas(self, key: str, blob: bytes, ttl_ms: int) -> None:
+        await self._guard(self.client.set(key, blob, px=max(1, ttl_ms)))
+
+    async def flush(self) -> None:
+        while self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        if self._owns_client:
+            await self.client.aclose()
+
+    # -- batching -------------------------------------------------------------------------------
+
+    def _keys(self, bucket: Bucket) -> tuple[str, str]:
+        return counter_keys(self.prefix, bucket.project, bucket.resource)
+
+    async def _call(self, kind: str, keys: tuple[str, str], member: str, cost: int, limit: int,
+                    expires: int) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._enqueue(kind, keys, member, cost, limit, expires, future)
+        return await future
+
+    def _enqueue(self, kind: str, keys: tuple[str, str], member: str, cost: int, limit: int, expires: int,
+                 future: asyncio.Future[list[Any]] | None) -> None:
+        self._queue.append((keys[0], keys[1], kind, member, cost, limit, expires, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        # Started with create_task, so it first runs after the current tick: everything enqueued
+        # in that tick, and during each round trip, travels together.
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            groups = self._by_slot(batch) if self._cluster else [batch]
+            await asyncio.gather(*(self._send(group) for group in groups))
+
+    def _by_slot(self, batch: list[_Op]) -> list[list[_Op]]:
+        # On a cluster one script call may only touch one hash slot; keys of a project share one.
+        groups: dict[int, list[_Op]] = {}
+        for op in batch:
+            groups.setdefault(key_slot(op[0].encode()), []).append(op)
+        return list(groups.values())
+
+    async def _send(self, ops: Sequence[_Op]) -> None:
+        keys: list[str] = []
+        args: list[Any] = [int(self._clock() * 1000)]
+        for counter, leases, kind, member, cost, limit, expires, _ in ops:
+            keys += (counter, leases)
+            args += (kind, member, cost, limit, expires)
+        try:
+            results = await self._guard(self._script(keys=keys, args=args))
+            if not isinstance(results, list) or len(results) != len(ops):
+                raise StoreError(f"store script answered {len(results) if isinstance(results, list) else results!r}"
+                                 f" results for {len(ops)} operations")
+        except StoreError as exc:
+            for op in ops:
+                future = op[7]
+                if future is None:
+                    logger.warning(SETTLEMENT_LOST, exc)
+                elif not future.done():
+                    future.set_exception(exc)
+            return
+        for op, result in zip(ops, results):
+            future = op[7]
+            if result[0] == -1:
+                error = StoreError(f"store script failed: {_text(result[1])}")
+                if future is None:
+                    logger.warning(SETTLEMENT_LOST, error)
+                elif not future.done():
+                    future.set_exception(error)
+            elif future is None:
+                continue
+            elif future.cancelled():
+                # The caller went away while its reservation was in flight: give it straight back.
+                if op[2] == "r" and result[0] == 1:
+                    self._enqueue("f", (op[0], op[1]), op[3], op[4], 0, 0, None)
+            elif not future.done():
+                future.set_result([int(result[0]), int(result[1])])
+
+    async def _guard(self, awaitable: Any) -> Any:
+        """Bound every Redis call in time and turn its failures into StoreError."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await awaitable
+        except TimeoutError as exc:
+            raise StoreError(f"Redis did not answer within {self.timeout}s") from exc
+        except redis_errors.RedisError as exc:
+            raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"Redis unreachable: {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from middleware import MemoryStore, RedisStore, Store
+from tests.servers import RedisServer
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeClock:
+    """Injected time: tests move it instead of sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole session. Mandatory in CI; skipped elsewhere if absent."""
+    try:
+        server = RedisServer()
+    except FileNotFoundError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def real_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=redis_server.port, socket_timeout=2)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
+    """The same contract runs over every store."""
+    if request.param == "memory":
+        yield MemoryStore(clock=clock)
+        return
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = aioredis.Redis(port=server.port, socket_timeout=2)
+        await client.flushall()
+    redis_store = RedisStore(client, clock=clock)
+    yield redis_store
+    await redis_store.aclose()
+    await client.aclose()
