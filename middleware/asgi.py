@@ -141,19 +141,20 @@ class QuotaMiddleware:
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
             await self.app(scope, receive, send)
             return
-        headers = ratelimit_headers(rule.resource, limit, decision.used)
         if not decision.admitted:
             await self._reject(scope, receive, send, Rejection(
                 403, OVER_QUOTA.format(project=project, resource=rule.resource, limit=limit, used=decision.used),
-                project=project, resource=rule.resource, limit=limit, used=decision.used, headers=headers))
+                project=project, resource=rule.resource, limit=limit, used=decision.used,
+                headers=ratelimit_headers(rule.resource, limit, decision.used)))
             return
-        await self._run_reserved(scope, receive, send, decision, headers)
+        await self._run_reserved(scope, receive, send, decision, rule.resource)
 
     async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, decision: Decision,
-                            headers: list[tuple[bytes, bytes]]) -> None:
+                            resource: str) -> None:
         """Run the app holding a reservation; keep it only for a 2xx the client was sent."""
         status = 0
         client_gone = False
+        cost = decision.reservation.cost if decision.reservation else 0
 
         async def receive_watching() -> Message:
             nonlocal client_gone
@@ -166,6 +167,9 @@ class QuotaMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # A failed creation is refunded, so its headers show the usage without it.
+                used = decision.used if 200 <= status < 300 else decision.used - cost
+                headers = ratelimit_headers(resource, decision.limit, used)
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
             await send(message)
 

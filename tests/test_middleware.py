@@ -454,3 +454,11 @@ async def test_token_never_reaches_redis_or_logs(real_redis: Any, caplog: pytest
     assert not [item for item in dump if secret.encode() in item]
     assert secret not in caplog.text
     assert json.dumps(caplog.text).find(secret) == -1
+
+
+async def test_failed_creation_headers_show_the_refunded_usage() -> None:
+    async with client_for(guarded(limit=5)) as client:
+        failed = await client.post("/fail", headers=HEADERS)
+        created = await client.post("/things", headers=HEADERS)
+    assert failed.status_code == 409 and failed.headers["ratelimit"] == '"things";r=5'
+    assert created.status_code == 201 and created.headers["ratelimit"] == '"things";r=4'
