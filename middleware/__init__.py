@@ -36,6 +36,7 @@ __all__ = [
     "Rejection",
     "Rendered",
     "Reservation",
+    "Rule",
     "ScopeStateIdentity",
     "SourceError",
     "SourceInvalid",
