@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from .errors import SourceError, SourceInvalid, SourceRejected, StoreError
+from .errors import SourceError, SourceInvalid, SourceRejected, SourceUnavailable, StoreError
 from .keys import quotas_key
 from .quotas import Quotas
 from .sources.base import QuotaSource
@@ -31,6 +32,8 @@ SERVING_STALE = "quota API failed (%s); serving quotas of project %r cached %.0f
 SHARED_COPY_UNUSABLE = "shared quota copy unusable (%s); asking the quota API"
 
 Headers = list[tuple[bytes, bytes]]
+#: How often a worker waiting for another worker's fetch looks for the shared copy.
+LOCK_POLL = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +47,15 @@ class _Entry:
 class QuotaCache:
     def __init__(self, source: QuotaSource, store: Store, *, ttl: float = 60.0, jitter: float = 0.1,
                  stale: float = 300.0, maxsize: int = 10_000, prefix: str = "quota:",
-                 clock: Callable[[], float] = time.time) -> None:
+                 lock_wait: float = 10.0, clock: Callable[[], float] = time.time) -> None:
         self.source = source
         self.store = store
         self.ttl = ttl
         self.jitter = jitter
         self.stale = stale
         self.prefix = prefix
+        #: How long a fetch lock is held at most, and how long others wait for its result.
+        self.lock_wait = lock_wait
         self._clock = clock
         self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
         self._inflight: dict[str, asyncio.Future[Quotas]] = {}
@@ -79,15 +84,34 @@ class QuotaCache:
         self._local.pop(project, None)
 
     async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
-        now = self._clock()
         key = quotas_key(self.prefix, project, self.source.namespace)
-        if self.store.shares_cache:
+        if not self.store.shares_cache:
+            return await self._fetch(project, headers, key, stale, self._clock())
+        # Across processes: whoever takes the fetch lock asks the upstream; the others wait for
+        # the shared copy it writes (or serve their stale copy meanwhile).
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            now = self._clock()
             shared = await self._read_shared(key)
             if shared is not None and now < shared.fresh_until:
                 self._local[project] = shared
                 return shared.quotas
             if shared is not None and (stale is None or shared.fetched_at > stale.fetched_at):
                 stale = shared
+            token = await self._try_lock(key)
+            if token is not None:
+                try:
+                    return await self._fetch(project, headers, key, stale, now)
+                finally:
+                    await self._unlock(key, token)
+            if stale is not None and now < stale.stale_until:
+                return stale.quotas  # another worker is refreshing it
+            if time.monotonic() >= deadline:
+                raise SourceUnavailable(f"another worker is still fetching the quotas of project {project!r}",
+                                        retry_after=self.lock_wait)
+            await asyncio.sleep(LOCK_POLL)
+
+    async def _fetch(self, project: str, headers: Headers, key: str, stale: _Entry | None, now: float) -> Quotas:
         try:
             quotas = await self.source.fetch(project, self._forwarded(headers))
         except SourceRejected:
@@ -100,12 +124,25 @@ class QuotaCache:
         entry = self._entry(quotas, now)
         self._local[project] = entry
         if self.store.shares_cache:
-            blob = json.dumps({"fetched_at": now, "limits": dict(quotas.limits)}).encode()
+            blob = json.dumps({"fetched_at": now, "quotas": quotas.to_dict()}).encode()
             try:
                 await self.store.save_quotas(key, blob, int((self.ttl + self.stale) * 1000))
             except StoreError as exc:
                 logger.warning("could not share cached quotas of project %r: %s", project, exc)
         return quotas
+
+    async def _try_lock(self, key: str) -> str | None:
+        token = os.urandom(8).hex()
+        try:
+            return token if await self.store.try_lock(key + ":lock", token, int(self.lock_wait * 1000)) else None
+        except StoreError:
+            return token  # no shared lock without the store: fetch, as a lone process would
+
+    async def _unlock(self, key: str, token: str) -> None:
+        try:
+            await self.store.unlock(key + ":lock", token)
+        except StoreError:
+            pass  # the lock expires by itself
 
     async def _read_shared(self, key: str) -> _Entry | None:
         try:
@@ -113,8 +150,7 @@ class QuotaCache:
             if blob is None:
                 return None
             doc = json.loads(blob)
-            fetched_at = float(doc["fetched_at"])
-            return self._entry(Quotas.loads(blob), fetched_at)
+            return self._entry(Quotas.from_dict(doc["quotas"]), float(doc["fetched_at"]))
         except (StoreError, SourceInvalid, ValueError, KeyError, TypeError) as exc:
             logger.warning(SHARED_COPY_UNUSABLE, exc)
             return None

@@ -7,7 +7,6 @@ configured default (Barbican's own default is -1).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -42,17 +41,13 @@ class Quotas:
     def limit(self, resource: str, default: int = UNLIMITED) -> int:
         return self.limits.get(resource, default)
 
-    def dumps(self) -> bytes:
-        return json.dumps({"limits": dict(self.limits)}, separators=(",", ":")).encode()
+    def to_dict(self) -> dict[str, Any]:
+        return {"limits": dict(self.limits)}
 
     @classmethod
-    def loads(cls, blob: bytes | str) -> Quotas:
-        """Read back what :meth:`dumps` wrote (the shared cache copy); invalid copies raise."""
-        try:
-            doc = json.loads(blob)
-            limits = doc["limits"]
-            if not isinstance(limits, dict):
-                raise TypeError("limits is not an object")
-            return cls({str(k): parse_limit(v, f"cached limit {k!r}") for k, v in limits.items()})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SourceInvalid(f"cached quota copy is corrupt: {exc}") from exc
+    def from_dict(cls, doc: Any) -> Quotas:
+        """Read back what :meth:`to_dict` wrote (the shared cache copy); invalid copies raise."""
+        limits = doc.get("limits") if isinstance(doc, dict) else None
+        if not isinstance(limits, dict):
+            raise SourceInvalid("cached quota copy is corrupt: no limits object")
+        return cls({str(k): parse_limit(v, f"cached limit {k!r}") for k, v in limits.items()})

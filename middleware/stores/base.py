@@ -85,6 +85,13 @@ class Store(ABC):
     async def save_quotas(self, key: str, blob: bytes, ttl_ms: int) -> None:
         """Keep a shared copy of cached quotas for ``ttl_ms``."""
 
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Take a short lock shared by every process (one upstream fetch at a time); True if taken."""
+        return True
+
+    async def unlock(self, key: str, token: str) -> None:
+        """Give the lock back if ``token`` still holds it."""
+
     async def flush(self) -> None:
         """Wait until every settlement handed to the store so far is applied."""
 

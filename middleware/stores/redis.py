@@ -32,6 +32,7 @@ logger = logging.getLogger("middleware.store")
 
 SETTLEMENT_LOST = "quota settlement was not applied; the lease will settle it: %s"
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
+UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 
@@ -54,6 +55,7 @@ class RedisStore(Store):
         self._clock = clock
         # register_script does no I/O; each call tries EVALSHA and reloads the script on NOSCRIPT.
         self._script = redis.register_script(BATCH_SCRIPT)
+        self._unlock_script = redis.register_script(UNLOCK_SCRIPT)
         self._cluster = isinstance(redis, RedisCluster)
         self._queue: list[_Op] = []
         self._worker: asyncio.Task[None] | None = None
@@ -88,6 +90,12 @@ class RedisStore(Store):
 
     async def save_quotas(self, key: str, blob: bytes, ttl_ms: int) -> None:
         await self._guard(self.client.set(key, blob, px=max(1, ttl_ms)))
+
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self._guard(self.client.set(key, token, nx=True, px=max(1, ttl_ms))))
+
+    async def unlock(self, key: str, token: str) -> None:
+        await self._guard(self._unlock_script(keys=[key], args=[token]))
 
     async def flush(self) -> None:
         while self._worker is not None and not self._worker.done():

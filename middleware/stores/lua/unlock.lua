@@ -1,0 +1,5 @@
+-- Deletes a lock only while the caller's token still holds it (an expired lock may be someone else's).
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
