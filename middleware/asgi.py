@@ -1,9 +1,11 @@
 """QuotaMiddleware: the one path a guarded request takes.
 
     match a rule  ->  identify the project  ->  effective limit (cache, then upstream)
-    ->  one atomic check-and-reserve in the store  ->  run the app  ->  settle on the way out
-        (commit on 2xx; refund on any other status, an exception or a client gone first)
+    ->  one atomic decision in the store  ->  run the app  ->  settle on the way out
 
+Settling depends on the rule's action: ``consume`` commits its reservation on a 2xx answer and
+refunds it on anything else (another status, an exception, a client gone first); ``release``
+gives quota back after a 2xx delete; ``meter`` charges the bytes the response sent.
 Requests no rule matches, and non-HTTP scopes, go straight to the app.
 """
 
@@ -12,17 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn
-from .quotas import UNLIMITED
-from .rendering import Rejection, Renderer, barbican_error, ratelimit_headers
+from .quotas import UNLIMITED, Limit, Quotas
+from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
 from .rules import Rule, RuleTable
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Store
 from .stores.memory import MemoryStore
+from .windows import Period, Window, calendar_month
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,18 +37,54 @@ Policy = Literal["fail_closed", "fail_open"]
 
 logger = logging.getLogger("middleware")
 
-OVER_QUOTA = "Quota exceeded for project {project}: {resource} allows {limit}, {used} already in use."
+OVER_QUOTA = "Quota exceeded for project {project}: {resource} allows {limit}{per}, {used} already in use."
 DISABLED = "Quota exceeded for project {project}: {resource} is disabled (quota 0)."
 SOURCE_FAILED = "Quota service unavailable: the effective quotas could not be read. Try again later."
 STORE_FAILED = "Quota store unavailable: usage could not be checked. Try again later."
 FAILED_OPEN = "admitting %s %s for project %r without a quota check (fail_open): %s"
-SETTLE_FAILED = "could not settle a reservation of project %r: %s"
+SETTLE_FAILED = "could not settle usage of project %r: %s"
 
 
 def _check_policy(name: str, value: str) -> Policy:
     if value not in ("fail_closed", "fail_open"):
         raise ConfigurationError(f"{name} must be 'fail_closed' or 'fail_open', got {value!r}")
     return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """What one guarded request is checked against."""
+
+    bucket: Bucket
+    limit: Limit
+    units: int
+    now: float
+
+    def headers(self, used: int) -> list[tuple[bytes, bytes]]:
+        return ratelimit_headers(self.bucket.resource, self.limit, used, self.bucket.window, self.now)
+
+    def rejection(self, used: int) -> Rejection:
+        bucket, limit, window = self.bucket, self.limit, self.bucket.window
+        if limit.value == 0:
+            description = DISABLED.format(project=bucket.project, resource=bucket.resource)
+        else:
+            per = "" if window is None else f" per window ending {_iso(window.end)}"
+            description = OVER_QUOTA.format(project=bucket.project, resource=bucket.resource, per=per,
+                                             limit=format_amount(limit.value, limit.scale),
+                                             used=format_amount(used, limit.scale))
+        # A count quota is Barbican's 403; a windowed one frees up at the window's end: 429.
+        return Rejection(403 if window is None else 429, description, project=bucket.project,
+                         resource=bucket.resource, limit=_in_quota_units(limit.value, limit.scale),
+                         used=_in_quota_units(used, limit.scale),
+                         retry_after=None if window is None else window.end - self.now, headers=self.headers(used))
+
+
+def _in_quota_units(units: int, scale: int) -> float:
+    return units // scale if units % scale == 0 else units / scale
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 class QuotaMiddleware:
@@ -80,12 +120,13 @@ class QuotaMiddleware:
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
-                                maxsize=cache_size, prefix=key_prefix, clock=clock)
+                                maxsize=cache_size, prefix=key_prefix, clock=clock, on_fetch=self._seed)
         self.lease_ms = int(lease_seconds * 1000)
         self.on_source_error = _check_policy("on_source_error", on_source_error)
         self.on_store_error = _check_policy("on_store_error", on_store_error)
         self.retry_after = retry_after
         self.renderer = renderer
+        self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,61 +141,65 @@ class QuotaMiddleware:
             return
         try:
             project = self.identity(scope)
+            resource = rule.resource_for(scope["path"])
+            if rule.action == "release":
+                await self._release(scope, receive, send, Bucket(project, resource), rule.units(scope, 1))
+                return
+            check = await self._check_for(scope, rule, project, resource)
         except IdentityError as exc:
-            await self._reject(scope, receive, send, Rejection(exc.status_code, str(exc)))
+            await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
-        bucket = Bucket(project, rule.resource)
-        if rule.action == "release":
-            await self._release(scope, receive, send, bucket, rule.cost)
-            return
-
-        try:
-            limit = (await self.cache.get(project, scope["headers"])).limit(rule.resource, self.default_limit)
         except SourceRejected as exc:
             status = exc.status_code if exc.status_code in (401, 403) else 403
-            await self._reject(scope, receive, send, Rejection(status, f"Quota service refused the request: {exc}",
-                                                                 project=project, resource=rule.resource))
+            await self._reject(send, Rejection(status, f"Quota service refused the request: {exc}",
+                                               project=project, resource=rule.resource))
             return
         except SourceError as exc:
             if self.on_source_error == "fail_closed":
                 logger.warning("quota API failed for project %r: %s", project, exc)
-                await self._reject(scope, receive, send, Rejection(
-                    503, SOURCE_FAILED, project=project, resource=rule.resource,
-                    retry_after=exc.retry_after or self.retry_after))
+                await self._reject(send, Rejection(503, SOURCE_FAILED, project=project, resource=rule.resource,
+                                                   retry_after=exc.retry_after or self.retry_after))
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
-            limit = UNLIMITED  # still counted, so usage stays true for when the source returns
+            # Still counted, so that usage stays true for when the source is back.
+            check = _Check(Bucket(project, resource), Limit(UNLIMITED), rule.units(scope, 1), self.clock())
 
-        if limit == 0:
-            await self._reject(scope, receive, send, Rejection(
-                403, DISABLED.format(project=project, resource=rule.resource), project=project,
-                resource=rule.resource, limit=0, used=0, headers=ratelimit_headers(rule.resource, 0, 0)))
+        if check.limit.value == 0:
+            await self._reject(send, check.rejection(0))  # disabled: no need to ask the store
             return
         try:
-            decision = await self.store.reserve(bucket, rule.cost, limit, self.lease_ms)
+            if rule.action == "meter":
+                decision = await self.store.check(check.bucket, check.limit.value)
+            else:
+                decision = await self.store.reserve(check.bucket, check.units, check.limit.value, self.lease_ms)
         except StoreError as exc:
             if self.on_store_error == "fail_closed":
                 logger.warning("quota store failed for project %r: %s", project, exc)
-                await self._reject(scope, receive, send, Rejection(
-                    503, STORE_FAILED, project=project, resource=rule.resource, retry_after=self.retry_after))
+                await self._reject(send, Rejection(503, STORE_FAILED, project=project, resource=rule.resource,
+                                                   retry_after=self.retry_after))
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
             await self.app(scope, receive, send)
             return
         if not decision.admitted:
-            await self._reject(scope, receive, send, Rejection(
-                403, OVER_QUOTA.format(project=project, resource=rule.resource, limit=limit, used=decision.used),
-                project=project, resource=rule.resource, limit=limit, used=decision.used,
-                headers=ratelimit_headers(rule.resource, limit, decision.used)))
-            return
-        await self._run_reserved(scope, receive, send, decision, rule.resource)
+            await self._reject(send, check.rejection(decision.used))
+        elif rule.action == "meter":
+            await self._run_metered(scope, receive, send, check, decision)
+        else:
+            await self._run_reserved(scope, receive, send, check, decision)
 
-    async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, decision: Decision,
-                            resource: str) -> None:
+    async def _check_for(self, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
+        quotas = await self.cache.get(project, scope["headers"])
+        limit = quotas.limit(resource, self.default_limit)
+        now = self.clock()
+        window = _window(limit.window or rule.period, now)
+        return _Check(Bucket(project, resource, window), limit, rule.units(scope, limit.scale), now)
+
+    async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, check: _Check,
+                            decision: Decision) -> None:
         """Run the app holding a reservation; keep it only for a 2xx the client was sent."""
         status = 0
         client_gone = False
-        cost = decision.reservation.cost if decision.reservation else 0
 
         async def receive_watching() -> Message:
             nonlocal client_gone
@@ -168,9 +213,8 @@ class QuotaMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 # A failed creation is refunded, so its headers show the usage without it.
-                used = decision.used if 200 <= status < 300 else decision.used - cost
-                headers = ratelimit_headers(resource, decision.limit, used)
-                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+                used = decision.used if 200 <= status < 300 else decision.used - check.units
+                message = {**message, "headers": [*message.get("headers", ()), *check.headers(used)]}
             await send(message)
 
         keep = False
@@ -185,7 +229,30 @@ class QuotaMiddleware:
                 except StoreError as exc:
                     logger.warning(SETTLE_FAILED, reservation.bucket.project, exc)
 
-    async def _release(self, scope: Scope, receive: Receive, send: Send, bucket: Bucket, cost: int) -> None:
+    async def _run_metered(self, scope: Scope, receive: Receive, send: Send, check: _Check,
+                           decision: Decision) -> None:
+        """Run the app counting the body bytes it sends (streamed, never buffered); charge them after."""
+        sent = 0
+
+        async def send_counting(message: Message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision.used)]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            if sent:
+                try:
+                    # A metered resource counts bytes: its store unit is one byte.
+                    await self.store.charge(check.bucket, sent)
+                except StoreError as exc:
+                    logger.warning(SETTLE_FAILED, check.bucket.project, exc)
+
+    async def _release(self, scope: Scope, receive: Receive, send: Send, bucket: Bucket, units: int) -> None:
         status = 0
 
         async def send_watching(message: Message) -> None:
@@ -197,11 +264,21 @@ class QuotaMiddleware:
         await self.app(scope, receive, send_watching)
         if 200 <= status < 300:
             try:
-                await self.store.release(bucket, cost)
+                await self.store.release(bucket, units)
             except StoreError as exc:
-                logger.warning("could not release %s of project %r: %s", bucket.resource, bucket.project, exc)
+                logger.warning(SETTLE_FAILED, bucket.project, exc)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, rejection: Rejection) -> None:
+    async def _seed(self, project: str, quotas: Quotas) -> None:
+        """After a fetch: usage the upstream reports raises the local counter (never lowers it)."""
+        now = self.clock()
+        for resource, limit in quotas.limits.items():
+            if limit.used is not None:
+                try:
+                    await self.store.seed(Bucket(project, resource, _window(limit.window, now)), limit.used)
+                except StoreError as exc:
+                    logger.warning(SETTLE_FAILED, project, exc)
+
+    async def _reject(self, send: Send, rejection: Rejection) -> None:
         rendered = self.renderer(rejection)
         await send({"type": "http.response.start", "status": rendered.status, "headers": rendered.headers})
         await send({"type": "http.response.body", "body": rendered.body})
@@ -218,3 +295,14 @@ class QuotaMiddleware:
         """Apply pending settlements and close the store and the source's connections."""
         await self.store.aclose()
         await self.source.aclose()
+
+
+def _window(window: Window | Period | None, now: float) -> Window | None:
+    """The window a request at ``now`` counts in."""
+    if window is None:
+        return None
+    if isinstance(window, Period):
+        return window.window_at(now)
+    # A reported billing period that is over (the cache has not seen the next one yet): count in
+    # the calendar month until the source says otherwise.
+    return window if now < window.end else calendar_month(now)

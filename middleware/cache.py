@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -47,7 +47,8 @@ class _Entry:
 class QuotaCache:
     def __init__(self, source: QuotaSource, store: Store, *, ttl: float = 60.0, jitter: float = 0.1,
                  stale: float = 300.0, maxsize: int = 10_000, prefix: str = "quota:",
-                 lock_wait: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+                 lock_wait: float = 10.0, clock: Callable[[], float] = time.time,
+                 on_fetch: Callable[[str, Quotas], Awaitable[None]] | None = None) -> None:
         self.source = source
         self.store = store
         self.ttl = ttl
@@ -57,6 +58,8 @@ class QuotaCache:
         #: How long a fetch lock is held at most, and how long others wait for its result.
         self.lock_wait = lock_wait
         self._clock = clock
+        #: Called once per successful upstream fetch (the middleware seeds upstream usage with it).
+        self._on_fetch = on_fetch
         self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
         self._inflight: dict[str, asyncio.Future[Quotas]] = {}
         self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
@@ -123,6 +126,8 @@ class QuotaCache:
             raise
         entry = self._entry(quotas, now)
         self._local[project] = entry
+        if self._on_fetch is not None:
+            await self._on_fetch(project, quotas)
         if self.store.shares_cache:
             blob = json.dumps({"fetched_at": now, "quotas": quotas.to_dict()}).encode()
             try:

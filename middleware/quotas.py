@@ -3,6 +3,9 @@
 Barbican: a negative limit means unlimited, 0 means the resource is disabled (every create is
 rejected), N > 0 admits at most N. A resource the source does not mention falls back to a
 configured default (Barbican's own default is -1).
+
+Limits are integers in *store units*: ``scale`` store units make one quota unit, so fractional
+costs stay exact (Captain Data credits are counted in thousandths, Latitude traffic in bytes).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import SourceInvalid
+from .windows import Period, Window
 
 UNLIMITED = -1
 #: Counters live in Lua numbers (IEEE doubles) inside Redis scripts: larger integers lose precision.
@@ -30,19 +34,64 @@ def parse_limit(value: Any, where: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Quotas:
-    """``{resource: limit}`` for one project, as the source reported it."""
+class Limit:
+    """One resource's limit, in store units."""
 
-    limits: Mapping[str, int] = field(default_factory=dict)
+    value: int
+    #: Store units per quota unit (for messages and headers).
+    scale: int = 1
+    #: The period the source reported (billing period), or a fixed period the source implies.
+    window: Window | Period | None = None
+    #: Usage the upstream itself reported, in store units; it seeds the local counter.
+    used: int | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "limits", MappingProxyType(dict(self.limits)))
-
-    def limit(self, resource: str, default: int = UNLIMITED) -> int:
-        return self.limits.get(resource, default)
+    @property
+    def unlimited(self) -> bool:
+        return self.value < 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"limits": dict(self.limits)}
+        doc: dict[str, Any] = {"value": self.value}
+        if self.scale != 1:
+            doc["scale"] = self.scale
+        if isinstance(self.window, Window):
+            doc["window"] = [self.window.start, self.window.end]
+        elif isinstance(self.window, Period):
+            doc["period"] = self.window.seconds if self.window.seconds is not None else "month"
+        if self.used is not None:
+            doc["used"] = self.used
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str) -> Limit:
+        if not isinstance(doc, dict):
+            return cls(parse_limit(doc, where))
+        window: Window | Period | None = None
+        if "window" in doc:
+            start, end = doc["window"]
+            window = Window(float(start), float(end))
+        elif "period" in doc:
+            window = Period.parse(doc["period"])
+        used = doc.get("used")
+        return cls(parse_limit(doc["value"], where), int(doc.get("scale", 1)), window,
+                   None if used is None else parse_limit(used, f"{where} usage"))
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """``{resource: Limit}`` for one project, as the source reported it."""
+
+    limits: Mapping[str, Limit] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        limits = {name: value if isinstance(value, Limit) else Limit(value) for name, value in self.limits.items()}
+        object.__setattr__(self, "limits", MappingProxyType(limits))
+
+    def limit(self, resource: str, default: int = UNLIMITED) -> Limit:
+        found = self.limits.get(resource)
+        return found if found is not None else Limit(default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"limits": {name: limit.to_dict() for name, limit in self.limits.items()}}
 
     @classmethod
     def from_dict(cls, doc: Any) -> Quotas:
@@ -50,4 +99,7 @@ class Quotas:
         limits = doc.get("limits") if isinstance(doc, dict) else None
         if not isinstance(limits, dict):
             raise SourceInvalid("cached quota copy is corrupt: no limits object")
-        return cls({str(k): parse_limit(v, f"cached limit {k!r}") for k, v in limits.items()})
+        try:
+            return cls({str(k): Limit.from_dict(v, f"cached limit {k!r}") for k, v in limits.items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceInvalid(f"cached quota copy is corrupt: {exc}") from exc

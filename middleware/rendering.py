@@ -7,9 +7,14 @@ renderer (``problem_json`` or your own) to the middleware to change it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from http import HTTPStatus
+
+from .quotas import Limit
+from .windows import Window
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -22,8 +27,8 @@ class Rejection:
     description: str
     project: str | None = None
     resource: str | None = None
-    limit: int | None = None
-    used: int | None = None
+    limit: float | None = None
+    used: float | None = None
     retry_after: float | None = None
     headers: RawHeaders = field(default_factory=list)
 
@@ -71,18 +76,29 @@ def _sf_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def ratelimit_headers(resource: str, limit: int, used: int, reset: float | None = None) -> RawHeaders:
+def format_amount(units: int, scale: int) -> str:
+    """Store units as quota units for people: 1500 thousandths -> "1.5"."""
+    if scale == 1:
+        return str(units)
+    return format((Decimal(units) / scale).normalize(), "f")
+
+
+def ratelimit_headers(resource: str, limit: Limit, used: int, window: Window | None = None,
+                      now: float = 0.0) -> RawHeaders:
     """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers) for one limit.
 
-    A count quota has no window, so neither ``w`` nor ``t`` is sent; an unlimited one sends nothing.
+    Quantities are whole quota units (remaining rounded down). A count quota has no window, so
+    neither ``w`` nor ``t`` is sent; an unlimited one sends nothing.
     """
-    if limit < 0:
+    if limit.value < 0:
         return []
     name = _sf_string(resource)
-    remaining = max(0, limit - used)
+    quota = limit.value // limit.scale
+    remaining = max(0, limit.value - used) // limit.scale
+    policy = f"{name};q={quota}"
     state = f"{name};r={remaining}"
-    policy = f"{name};q={limit}"
-    if reset is not None:
-        state += f";t={max(0, int(reset))}"
+    if window is not None:
+        policy += f";w={max(1, round(window.seconds))}"
+        state += f";t={max(0, math.ceil(window.end - now))}"
     return [(b"ratelimit-policy", policy.encode("ascii", "backslashreplace")),
             (b"ratelimit", state.encode("ascii", "backslashreplace"))]

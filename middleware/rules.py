@@ -7,31 +7,58 @@ one dict lookup and one failed regex match.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal, Union
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, IdentityError
+from .windows import Period
 
-Action = Literal["consume", "release"]
-_ACTIONS = ("consume", "release")
+Action = Literal["consume", "release", "meter"]
+_ACTIONS = ("consume", "release", "meter")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+Number = Union[int, float, Decimal, str]
+#: A cost computed from the request: takes the ASGI scope, returns a number of quota units.
+CostFn = Callable[[dict[str, Any]], Number]
+
+
+def _units(cost: Number, scale: int) -> int:
+    """Quota units -> whole store units, rounded up so fractional costs never undercount."""
+    try:
+        value = Decimal(str(cost)) * scale
+    except InvalidOperation:
+        raise ValueError(f"cost {cost!r} is not a number") from None
+    if not value.is_finite() or value < 0 or isinstance(cost, bool):
+        raise ValueError(f"cost {cost!r} must be a finite number >= 0")
+    return math.ceil(value)
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
     """Guard ``method path``: count ``cost`` of ``resource`` per request.
 
-    ``consume`` reserves quota before the app runs and keeps it only if the app answers 2xx;
-    ``release`` gives ``cost`` back after a 2xx answer (a delete), never below zero.
+    - ``consume`` reserves quota before the app runs and keeps it only if the app answers 2xx;
+    - ``release`` gives ``cost`` back after a 2xx answer (a delete), never below zero;
+    - ``meter`` admits while usage is below the limit and charges the bytes of the response body
+      after it was sent (traffic).
+
+    ``resource`` may name path parameters (``"traffic:{region}"``). ``cost`` is a number of quota
+    units (fractions allowed, e.g. ``0.5`` credits) or a callable of the ASGI scope. ``window``
+    makes the quota rate-like: ``"minute"``, ``"hour"``, ``"day"``, ``"month"`` or seconds; a window
+    the source reports (a billing period) takes precedence.
     """
 
     method: str
     path: str
     resource: str
-    cost: int = 1
+    cost: Number | CostFn = 1
     action: Action = "consume"
+    window: str | float | Period | None = None
+    _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _period: Period | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", self.method.upper())
@@ -41,17 +68,49 @@ class Rule:
             raise ConfigurationError(f"rule path has a malformed placeholder: {self.path!r}")
         if not self.resource:
             raise ConfigurationError("rule resource must not be empty")
-        if isinstance(self.cost, bool) or not isinstance(self.cost, int) or self.cost < 1:
-            raise ConfigurationError(f"rule cost must be a positive integer, got {self.cost!r}")
+        names = set(_PLACEHOLDER.findall(self.resource))
+        if not names <= set(_PLACEHOLDER.findall(self.path)):
+            raise ConfigurationError(f"rule resource {self.resource!r} names parameters the path does not have")
+        if names:
+            object.__setattr__(self, "_pattern", re.compile(self.pattern(named=True) + "/?"))
+        if not callable(self.cost):
+            try:
+                _units(self.cost, 1)
+            except ValueError as exc:
+                raise ConfigurationError(f"rule cost: {exc}") from None
         if self.action not in _ACTIONS:
             raise ConfigurationError(f"rule action must be one of {_ACTIONS}, got {self.action!r}")
+        if self.window is not None:
+            object.__setattr__(self, "_period", Period.parse(self.window))
 
-    def pattern(self) -> str:
-        """The template as a regex fragment without groups; a trailing slash is optional."""
+    @property
+    def period(self) -> Period | None:
+        return self._period
+
+    def pattern(self, named: bool = False) -> str:
+        """The template as a regex fragment; a trailing slash is optional."""
         template = self.path.rstrip("/")
         parts = _PLACEHOLDER.split(template)
         # split() alternates literal, placeholder name, literal, ...
-        return "".join(re.escape(p) if i % 2 == 0 else "[^/]+" for i, p in enumerate(parts))
+        return "".join(re.escape(p) if i % 2 == 0 else (f"(?P<{p}>[^/]+)" if named else "[^/]+")
+                       for i, p in enumerate(parts))
+
+    def resource_for(self, path: str) -> str:
+        """The resource this request counts against (path parameters filled in)."""
+        if self._pattern is None:
+            return self.resource
+        match = self._pattern.fullmatch(path)
+        params = match.groupdict() if match else {}
+        return _PLACEHOLDER.sub(lambda m: params.get(m.group(1), ""), self.resource)
+
+    def units(self, scope: dict[str, Any], scale: int) -> int:
+        """This request's cost in store units; a bad computed cost is the client's 400."""
+        if not callable(self.cost):
+            return self.cost * scale if type(self.cost) is int else _units(self.cost, scale)
+        try:
+            return _units(self.cost(scope), scale)
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            raise IdentityError(f"Could not compute the cost of this request: {exc}") from None
 
 
 class RuleTable:

@@ -22,9 +22,9 @@ class BarbicanSource(HTTPSource):
     forward_headers = ("x-auth-token",)
 
     def __init__(self, base_url: str, *, client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, deadline: float | None = None,
                  resources: Iterable[str] = BARBICAN_RESOURCES) -> None:
-        super().__init__(base_url, client=client, timeout=timeout)
+        super().__init__(base_url, client=client, timeout=timeout, deadline=deadline)
         #: Only these keys of the quotas object are read; any other field is ignored.
         self.resources = tuple(resources)
 

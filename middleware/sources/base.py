@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from ..errors import SourceInvalid, SourceRejected, SourceUnavailable
 from ..quotas import Quotas
 
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+DEFAULT_DEADLINE = 10.0
 #: Quota documents are small; anything larger is not one.
 MAX_BODY_BYTES = 1 << 20
 
@@ -41,8 +43,12 @@ class HTTPSource(QuotaSource):
     """A source behind an HTTP API, fetched with one shared ``httpx.AsyncClient``."""
 
     def __init__(self, base_url: str, *, client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT) -> None:
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, deadline: float | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # httpx times each read, not the whole response: a body dripping one byte at a time would
+        # never time out. The deadline bounds the whole fetch.
+        per_read = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
+        self.deadline = deadline if deadline is not None else 2 * (per_read or DEFAULT_DEADLINE)
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
 
@@ -55,7 +61,10 @@ class HTTPSource(QuotaSource):
         """GET a JSON document, mapping every failure to a SourceError subclass."""
         url = f"{self.base_url}{path}"
         try:
-            response = await self._client.get(url, headers=dict(headers), params=params)
+            async with asyncio.timeout(self.deadline):
+                response = await self._client.get(url, headers=dict(headers), params=params)
+        except TimeoutError as exc:
+            raise SourceUnavailable(f"quota API did not answer within {self.deadline}s") from exc
         except httpx.TimeoutException as exc:
             raise SourceUnavailable(f"quota API timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:

@@ -14,11 +14,24 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ..windows import Window
+
+#: A window's counters outlive it this long, so that settlements arriving late still find them.
+WINDOW_GRACE_MS = 10 * 60 * 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
+    """One project's usage of one resource; with a window, only within that window."""
+
     project: str
     resource: str
+    window: Window | None = None
+
+    @property
+    def expires_ms(self) -> int:
+        """When the bucket's keys may go (0: never): after its window, plus a grace for late settlements."""
+        return 0 if self.window is None else int(self.window.end * 1000) + WINDOW_GRACE_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,18 @@ class Store(ABC):
     @abstractmethod
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
         """Admit and reserve ``cost`` if ``used + cost <= limit`` (a negative limit admits all)."""
+
+    @abstractmethod
+    async def check(self, bucket: Bucket, limit: int) -> Decision:
+        """Admit a metered request while usage is below ``limit``; reserves nothing."""
+
+    @abstractmethod
+    async def charge(self, bucket: Bucket, amount: int) -> int:
+        """Add what a request used, after the fact and whatever the limit; returns the new usage."""
+
+    @abstractmethod
+    async def seed(self, bucket: Bucket, used: int) -> int:
+        """Raise usage to at least ``used`` (what the upstream counted); never lowers it."""
 
     @abstractmethod
     async def commit(self, reservation: Reservation) -> None:

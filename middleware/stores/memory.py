@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 from .base import Bucket, Decision, Reservation, Store, new_member
 
+#: How often (in the store's clock, ms) buckets of windows that are over are dropped.
+SWEEP_EVERY_MS = 60_000
+
 
 class MemoryStore(Store):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
@@ -19,9 +22,20 @@ class MemoryStore(Store):
         self._used: dict[Bucket, int] = {}
         # bucket -> {member: (expires_ms, cost)}; a bucket's dict is dropped once empty.
         self._leases: dict[Bucket, dict[str, tuple[int, int]]] = {}
+        self._next_sweep = 0
 
     def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
+        now = int(self._clock() * 1000)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return now
+
+    def _sweep(self, now: int) -> None:
+        """Forget windowed buckets whose keys would have expired in Redis."""
+        self._next_sweep = now + SWEEP_EVERY_MS
+        for bucket in [b for b in self._used if 0 < b.expires_ms <= now]:
+            del self._used[bucket]
+            self._leases.pop(bucket, None)
 
     def _purge(self, bucket: Bucket, now_ms: int) -> int:
         leases = self._leases.get(bucket)
@@ -46,6 +60,21 @@ class MemoryStore(Store):
         reservation = Reservation(bucket, cost, new_member(cost), now + lease_ms)
         self._leases.setdefault(bucket, {})[reservation.member] = (reservation.expires_ms, cost)
         return Decision(True, used, limit, reservation)
+
+    async def check(self, bucket: Bucket, limit: int) -> Decision:
+        used = self._purge(bucket, self._now_ms())
+        return Decision(limit < 0 or used < limit, used, limit)
+
+    async def charge(self, bucket: Bucket, amount: int) -> int:
+        used = self._purge(bucket, self._now_ms()) + amount
+        self._used[bucket] = used
+        return used
+
+    async def seed(self, bucket: Bucket, used: int) -> int:
+        current = self._purge(bucket, self._now_ms())
+        if used > current:
+            self._used[bucket] = current = used
+        return current
 
     async def commit(self, reservation: Reservation) -> None:
         leases = self._leases.get(reservation.bucket)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -36,7 +36,33 @@ UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_tex
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 
-_Op = tuple[str, str, str, str, int, int, int, "asyncio.Future[list[Any]] | None"]
+
+
+class _Op(NamedTuple):
+    counter: str
+    leases: str
+    kind: str
+    member: str
+    amount: int
+    limit: int
+    lease_until: int
+    expires: int
+    #: None for settlements, which nobody waits for.
+    future: asyncio.Future[list[int]] | None
+
+
+def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
+        future: asyncio.Future[list[int]] | None = None) -> _Op:
+    window = None if bucket.window is None else int(bucket.window.start)
+    counter, leases = counter_keys(prefix, bucket.project, bucket.resource, window)
+    return _Op(counter, leases, kind, member, amount, limit, lease_until, bucket.expires_ms, future)
+
+
+def _fail(op: _Op, error: StoreError) -> None:
+    if op.future is None:
+        logger.warning(SETTLEMENT_LOST, error)
+    elif not op.future.done():
+        op.future.set_exception(error)
 
 
 class RedisStore(Store):
@@ -64,26 +90,36 @@ class RedisStore(Store):
 
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
         member = new_member(cost)
-        expires = int(self._clock() * 1000) + lease_ms
-        flag, used = await self._call("r", self._keys(bucket), member, cost, limit, expires)
+        lease_until = int(self._clock() * 1000) + lease_ms
+        flag, used = await self._call(bucket, "r", cost, limit, member, lease_until)
         if flag != 1:
             return Decision(False, used, limit)
-        return Decision(True, used, limit, Reservation(bucket, cost, member, expires))
+        return Decision(True, used, limit, Reservation(bucket, cost, member, lease_until))
+
+    async def check(self, bucket: Bucket, limit: int) -> Decision:
+        flag, used = await self._call(bucket, "m", 0, limit)
+        return Decision(flag == 1, used, limit)
+
+    async def charge(self, bucket: Bucket, amount: int) -> int:
+        return (await self._call(bucket, "a", amount))[1]
+
+    async def seed(self, bucket: Bucket, used: int) -> int:
+        return (await self._call(bucket, "x", used))[1]
 
     async def commit(self, reservation: Reservation) -> None:
-        self._enqueue("c", self._keys(reservation.bucket), reservation.member, reservation.cost, 0, 0, None)
+        self._enqueue(_op(self.prefix, reservation.bucket, "c", reservation.cost, 0, reservation.member))
 
     async def refund(self, reservation: Reservation) -> None:
-        self._enqueue("f", self._keys(reservation.bucket), reservation.member, reservation.cost, 0, 0, None)
+        self._enqueue(_op(self.prefix, reservation.bucket, "f", reservation.cost, 0, reservation.member))
 
     async def release(self, bucket: Bucket, cost: int) -> int:
-        return (await self._call("l", self._keys(bucket), "", cost, 0, 0))[1]
+        return (await self._call(bucket, "l", cost))[1]
 
     async def usage(self, bucket: Bucket) -> int:
-        return (await self._call("u", self._keys(bucket), "", 0, 0, 0))[1]
+        return (await self._call(bucket, "u", 0))[1]
 
     async def set_usage(self, bucket: Bucket, value: int) -> None:
-        await self._call("s", self._keys(bucket), "", value, 0, 0)
+        await self._call(bucket, "s", value)
 
     async def load_quotas(self, key: str) -> bytes | None:
         return await self._guard(self.client.get(key))  # type: ignore[no-any-return]
@@ -108,18 +144,14 @@ class RedisStore(Store):
 
     # -- batching -------------------------------------------------------------------------------
 
-    def _keys(self, bucket: Bucket) -> tuple[str, str]:
-        return counter_keys(self.prefix, bucket.project, bucket.resource)
-
-    async def _call(self, kind: str, keys: tuple[str, str], member: str, cost: int, limit: int,
-                    expires: int) -> list[Any]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._enqueue(kind, keys, member, cost, limit, expires, future)
+    async def _call(self, bucket: Bucket, kind: str, amount: int, limit: int = 0, member: str = "",
+                    lease_until: int = 0) -> list[int]:
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_op(self.prefix, bucket, kind, amount, limit, member, lease_until, future))
         return await future
 
-    def _enqueue(self, kind: str, keys: tuple[str, str], member: str, cost: int, limit: int, expires: int,
-                 future: asyncio.Future[list[Any]] | None) -> None:
-        self._queue.append((keys[0], keys[1], kind, member, cost, limit, expires, future))
+    def _enqueue(self, op: _Op) -> None:
+        self._queue.append(op)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
 
@@ -135,44 +167,34 @@ class RedisStore(Store):
         # On a cluster one script call may only touch one hash slot; keys of a project share one.
         groups: dict[int, list[_Op]] = {}
         for op in batch:
-            groups.setdefault(key_slot(op[0].encode()), []).append(op)
+            groups.setdefault(key_slot(op.counter.encode()), []).append(op)
         return list(groups.values())
 
     async def _send(self, ops: Sequence[_Op]) -> None:
         keys: list[str] = []
         args: list[Any] = [int(self._clock() * 1000)]
-        for counter, leases, kind, member, cost, limit, expires, _ in ops:
-            keys += (counter, leases)
-            args += (kind, member, cost, limit, expires)
+        for op in ops:
+            keys += (op.counter, op.leases)
+            args += (op.kind, op.member, op.amount, op.limit, op.lease_until, op.expires)
         try:
             results = await self._guard(self._script(keys=keys, args=args))
             if not isinstance(results, list) or len(results) != len(ops):
-                raise StoreError(f"store script answered {len(results) if isinstance(results, list) else results!r}"
-                                 f" results for {len(ops)} operations")
+                raise StoreError(f"store script answered {results!r:.80} for {len(ops)} operations")
         except StoreError as exc:
             for op in ops:
-                future = op[7]
-                if future is None:
-                    logger.warning(SETTLEMENT_LOST, exc)
-                elif not future.done():
-                    future.set_exception(exc)
+                _fail(op, exc)
             return
         for op, result in zip(ops, results):
-            future = op[7]
             if result[0] == -1:
-                error = StoreError(f"store script failed: {_text(result[1])}")
-                if future is None:
-                    logger.warning(SETTLEMENT_LOST, error)
-                elif not future.done():
-                    future.set_exception(error)
-            elif future is None:
+                _fail(op, StoreError(f"store script failed: {_text(result[1])}"))
+            elif op.future is None:
                 continue
-            elif future.cancelled():
+            elif op.future.cancelled():
                 # The caller went away while its reservation was in flight: give it straight back.
-                if op[2] == "r" and result[0] == 1:
-                    self._enqueue("f", (op[0], op[1]), op[3], op[4], 0, 0, None)
-            elif not future.done():
-                future.set_result([int(result[0]), int(result[1])])
+                if op.kind == "r" and result[0] == 1:
+                    self._enqueue(op._replace(kind="f", future=None))
+            elif not op.future.done():
+                op.future.set_result([int(result[0]), int(result[1])])
 
     async def _guard(self, awaitable: Any) -> Any:
         """Bound every Redis call in time and turn its failures into StoreError."""

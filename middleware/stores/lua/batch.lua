@@ -3,8 +3,10 @@
 -- KEYS: two per operation: the usage counter, and the lease set (a sorted set whose score is
 --       the lease expiry in epoch ms and whose member is "<random id>:<cost>").
 -- ARGV[1]: now, epoch ms (the caller's clock, so that every store shares one notion of time);
---       then five per operation: kind, member, cost, limit, lease expiry ms.
--- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage.
+--       then six per operation: kind, member, amount, limit, lease expiry ms, key expiry ms
+--       (0: the keys never expire; windowed counters expire after their window).
+-- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage,
+--        m metering check, a add (charge), x seed (raise to at least).
 -- Returns one {flag, usage} pair per operation; flag -1 carries an error message instead, and
 -- an error in one operation does not stop the others (each runs under pcall).
 local now = tonumber(ARGV[1])
@@ -17,69 +19,90 @@ local function used_of(counter)
   return used
 end
 
-local function give_back(counter, amount)
-  if amount <= 0 then return used_of(counter) end
-  local used = redis.call('DECRBY', counter, amount)
-  if used < 0 then
-    redis.call('SET', counter, 0)
-    used = 0
-  end
+-- Every write re-applies the window expiry: DECRBY or SET on a missing key would create one
+-- that never expires.
+local function expire(key, at)
+  if at > 0 then redis.call('PEXPIREAT', key, at) end
+end
+
+local function set_used(counter, used, at)
+  redis.call('SET', counter, used)
+  expire(counter, at)
   return used
 end
 
+local function add(counter, amount, at)
+  local used = redis.call('INCRBY', counter, amount)
+  expire(counter, at)
+  return used
+end
+
+local function give_back(counter, amount, at)
+  local used = used_of(counter)
+  if amount <= 0 then return used end
+  used = used - amount
+  if used < 0 then used = 0 end
+  return set_used(counter, used, at)
+end
+
+local function lease_cost(member)
+  return tonumber(string.match(member, ':(%d+)$')) or 0
+end
+
 -- Leases past their expiry belong to requests that never settled: give their cost back.
-local function purge(counter, leases)
+local function purge(counter, leases, at)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
   if #expired == 0 then return used_of(counter) end
   local back = 0
-  for _, member in ipairs(expired) do
-    back = back + (tonumber(string.match(member, ':(%d+)$')) or 0)
-  end
+  for _, member in ipairs(expired) do back = back + lease_cost(member) end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-  return give_back(counter, back)
+  return give_back(counter, back, at)
 end
 
-local function live_cost(leases)
-  local total = 0
-  for _, member in ipairs(redis.call('ZRANGE', leases, 0, -1)) do
-    total = total + (tonumber(string.match(member, ':(%d+)$')) or 0)
-  end
-  return total
-end
-
-local function apply(counter, leases, kind, member, cost, limit, expires)
+local function apply(counter, leases, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
-    local used = purge(counter, leases)
-    if limit >= 0 and used + cost > limit then return {0, used} end
-    used = redis.call('INCRBY', counter, cost)
-    redis.call('ZADD', leases, expires, member)
+    local used = purge(counter, leases, at)
+    if limit >= 0 and used + amount > limit then return {0, used} end
+    used = add(counter, amount, at)
+    redis.call('ZADD', leases, lease_until, member)
+    expire(leases, at)
     return {1, used}
   elseif kind == 'c' then
     if redis.call('ZREM', leases, member) == 1 then return {1, used_of(counter)} end
     -- The lease expired and its cost was given back, but the creation happened: count it again.
-    return {0, redis.call('INCRBY', counter, cost)}
+    return {0, add(counter, amount, at)}
   elseif kind == 'f' then
-    if redis.call('ZREM', leases, member) == 1 then return {1, give_back(counter, cost)} end
+    if redis.call('ZREM', leases, member) == 1 then return {1, give_back(counter, amount, at)} end
     return {0, used_of(counter)}
   elseif kind == 'l' then
-    purge(counter, leases)
-    return {1, give_back(counter, cost)}
+    purge(counter, leases, at)
+    return {1, give_back(counter, amount, at)}
   elseif kind == 'u' then
-    return {1, purge(counter, leases)}
+    return {1, purge(counter, leases, at)}
   elseif kind == 's' then
-    purge(counter, leases)
-    local used = cost + live_cost(leases)
-    redis.call('SET', counter, used)
+    purge(counter, leases, at)
+    local live = 0
+    for _, m in ipairs(redis.call('ZRANGE', leases, 0, -1)) do live = live + lease_cost(m) end
+    return {1, set_used(counter, amount + live, at)}
+  elseif kind == 'm' then
+    local used = purge(counter, leases, at)
+    if limit >= 0 and used >= limit then return {0, used} end
     return {1, used}
+  elseif kind == 'a' then
+    return {1, add(counter, amount, at)}
+  elseif kind == 'x' then
+    local used = purge(counter, leases, at)
+    if used >= amount then return {0, used} end
+    return {1, set_used(counter, amount, at)}
   end
   error('unknown operation ' .. tostring(kind))
 end
 
 local out = {}
 for i = 1, #KEYS / 2 do
-  local a = 1 + (i - 1) * 5
+  local a = 1 + (i - 1) * 6
   local ok, result = pcall(apply, KEYS[2 * i - 1], KEYS[2 * i], ARGV[a + 1], ARGV[a + 2],
-    tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]))
+    tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
   if ok then
     out[i] = result
   else
