@@ -34,6 +34,8 @@ SHARED_COPY_UNUSABLE = "shared quota copy unusable (%s); asking the quota API"
 Headers = list[tuple[bytes, bytes]]
 #: How often a worker waiting for another worker's fetch looks for the shared copy.
 LOCK_POLL = 0.05
+#: After an upstream failure, nobody asks it again for at least this long (or its Retry-After).
+MIN_BACKOFF = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ class QuotaCache:
         self._on_fetch = on_fetch
         self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
         self._inflight: dict[str, asyncio.Future[Quotas]] = {}
+        #: project -> clock time before which the upstream is not asked again (after a failure).
+        self._backoff: LRUCache[str, float] = LRUCache(maxsize=maxsize)
         self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
 
     async def get(self, project: str, headers: Headers) -> Quotas:
@@ -88,6 +92,9 @@ class QuotaCache:
 
     async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
         key = quotas_key(self.prefix, project, self.source.namespace)
+        waiting = self._while_backing_off(self._backoff.get(project), stale)
+        if waiting is not None:
+            return waiting
         if not self.store.shares_cache:
             return await self._fetch(project, headers, key, stale, self._clock())
         # Across processes: whoever takes the fetch lock asks the upstream; the others wait for
@@ -101,6 +108,9 @@ class QuotaCache:
                 return shared.quotas
             if shared is not None and (stale is None or shared.fetched_at > stale.fetched_at):
                 stale = shared
+            waiting = self._while_backing_off(await self._read_backoff(key), stale)
+            if waiting is not None:
+                return waiting
             token = await self._try_lock(key)
             if token is not None:
                 try:
@@ -120,6 +130,7 @@ class QuotaCache:
         except SourceRejected:
             raise  # a refused credential is the caller's answer, never served from cache
         except SourceError as exc:
+            await self._back_off(project, key, now + max(exc.retry_after or 0.0, MIN_BACKOFF))
             if stale is not None and now < stale.stale_until:
                 logger.warning(SERVING_STALE, exc, project, now - stale.fetched_at)
                 return stale.quotas
@@ -131,10 +142,37 @@ class QuotaCache:
         if self.store.shares_cache:
             blob = json.dumps({"fetched_at": now, "quotas": quotas.to_dict()}).encode()
             try:
-                await self.store.save_quotas(key, blob, int((self.ttl + self.stale) * 1000))
+                await self.store.save_shared(key, blob, int((self.ttl + self.stale) * 1000))
             except StoreError as exc:
                 logger.warning("could not share cached quotas of project %r: %s", project, exc)
         return quotas
+
+    def _while_backing_off(self, until: float | None, stale: _Entry | None) -> Quotas | None:
+        """While the upstream asked us to wait (or just failed), do not ask it again: answer with
+        the stale copy if there is one within its bound, else fail. None: go ahead and ask."""
+        now = self._clock()
+        if until is None or now >= until:
+            return None
+        if stale is not None and now < stale.stale_until:
+            return stale.quotas
+        raise SourceUnavailable(f"quota API failed moments ago; not asking again for {until - now:.1f}s",
+                                retry_after=until - now)
+
+    async def _back_off(self, project: str, key: str, until: float) -> None:
+        self._backoff[project] = until
+        if self.store.shares_cache:
+            try:
+                await self.store.save_shared(key + ":backoff", repr(until).encode(),
+                                             max(1, int((until - self._clock()) * 1000)))
+            except StoreError:
+                pass  # each process then backs off on its own
+
+    async def _read_backoff(self, key: str) -> float | None:
+        try:
+            blob = await self.store.load_shared(key + ":backoff")
+            return None if blob is None else float(blob)
+        except (StoreError, ValueError):
+            return None
 
     async def _try_lock(self, key: str) -> str | None:
         token = os.urandom(8).hex()
@@ -151,7 +189,7 @@ class QuotaCache:
 
     async def _read_shared(self, key: str) -> _Entry | None:
         try:
-            blob = await self.store.load_quotas(key)
+            blob = await self.store.load_shared(key)
             if blob is None:
                 return None
             doc = json.loads(blob)

@@ -103,12 +103,12 @@ class Store(ABC):
     async def set_usage(self, bucket: Bucket, value: int) -> None:
         """Overwrite usage (operators, tests); live leases are left alone."""
 
-    async def load_quotas(self, key: str) -> bytes | None:
-        """The shared copy of a project's cached quotas, if this store keeps one."""
+    async def load_shared(self, key: str) -> bytes | None:
+        """A value shared by every process (cached quotas, a fetch back-off), if this store keeps one."""
         return None
 
-    async def save_quotas(self, key: str, blob: bytes, ttl_ms: int) -> None:
-        """Keep a shared copy of cached quotas for ``ttl_ms``."""
+    async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
+        """Share ``blob`` with every process for ``ttl_ms``."""
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
         """Take a short lock shared by every process (one upstream fetch at a time); True if taken."""

@@ -121,10 +121,10 @@ class RedisStore(Store):
     async def set_usage(self, bucket: Bucket, value: int) -> None:
         await self._call(bucket, "s", value)
 
-    async def load_quotas(self, key: str) -> bytes | None:
+    async def load_shared(self, key: str) -> bytes | None:
         return await self._guard(self.client.get(key))  # type: ignore[no-any-return]
 
-    async def save_quotas(self, key: str, blob: bytes, ttl_ms: int) -> None:
+    async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
         await self._guard(self.client.set(key, blob, px=max(1, ttl_ms)))
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
