@@ -12,22 +12,28 @@ from .errors import (
     StoreError,
 )
 from .identity import HeaderIdentity, ScopeStateIdentity
-from .quotas import UNLIMITED, Quotas
+from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Rendered, barbican_error, problem_json
 from .rules import Rule
-from .sources import BarbicanSource, HTTPSource, QuotaSource, StaticSource
+from .sources import BarbicanSource, CaptainDataSource, HTTPSource, JSONSource, LatitudeSource, QuotaSource, StaticSource
+from .windows import Period, Window
 from .stores import Bucket, Decision, MemoryStore, RedisStore, Reservation, Store
 
 __all__ = [
     "UNLIMITED",
     "BarbicanSource",
     "Bucket",
+    "CaptainDataSource",
     "ConfigurationError",
     "Decision",
     "HTTPSource",
     "HeaderIdentity",
     "IdentityError",
+    "JSONSource",
+    "LatitudeSource",
+    "Limit",
     "MemoryStore",
+    "Period",
     "QuotaError",
     "QuotaMiddleware",
     "QuotaSource",
@@ -45,6 +51,7 @@ __all__ = [
     "StaticSource",
     "Store",
     "StoreError",
+    "Window",
     "barbican_error",
     "problem_json",
 ]

@@ -69,9 +69,10 @@ class _Check:
             description = DISABLED.format(project=bucket.project, resource=bucket.resource)
         else:
             per = "" if window is None else f" per window ending {_iso(window.end)}"
+            unit = f" {limit.unit}" if limit.unit else ""
             description = OVER_QUOTA.format(project=bucket.project, resource=bucket.resource, per=per,
-                                             limit=format_amount(limit.value, limit.scale),
-                                             used=format_amount(used, limit.scale))
+                                             limit=format_amount(limit.value, limit.scale) + unit,
+                                             used=format_amount(used, limit.scale) + unit)
         # A count quota is Barbican's 403; a windowed one frees up at the window's end: 429.
         return Rejection(403 if window is None else 429, description, project=bucket.project,
                          resource=bucket.resource, limit=_in_quota_units(limit.value, limit.scale),
@@ -141,7 +142,7 @@ class QuotaMiddleware:
             return
         try:
             project = self.identity(scope)
-            resource = rule.resource_for(scope["path"])
+            resource = rule.resource_for(scope)
             if rule.action == "release":
                 await self._release(scope, receive, send, Bucket(project, resource), rule.units(scope, 1))
                 return
@@ -152,12 +153,12 @@ class QuotaMiddleware:
         except SourceRejected as exc:
             status = exc.status_code if exc.status_code in (401, 403) else 403
             await self._reject(send, Rejection(status, f"Quota service refused the request: {exc}",
-                                               project=project, resource=rule.resource))
+                                               project=project, resource=resource))
             return
         except SourceError as exc:
             if self.on_source_error == "fail_closed":
                 logger.warning("quota API failed for project %r: %s", project, exc)
-                await self._reject(send, Rejection(503, SOURCE_FAILED, project=project, resource=rule.resource,
+                await self._reject(send, Rejection(503, SOURCE_FAILED, project=project, resource=resource,
                                                    retry_after=exc.retry_after or self.retry_after))
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
@@ -175,7 +176,7 @@ class QuotaMiddleware:
         except StoreError as exc:
             if self.on_store_error == "fail_closed":
                 logger.warning("quota store failed for project %r: %s", project, exc)
-                await self._reject(send, Rejection(503, STORE_FAILED, project=project, resource=rule.resource,
+                await self._reject(send, Rejection(503, STORE_FAILED, project=project, resource=resource,
                                                    retry_after=self.retry_after))
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
@@ -272,7 +273,8 @@ class QuotaMiddleware:
         """After a fetch: usage the upstream reports raises the local counter (never lowers it)."""
         now = self.clock()
         for resource, limit in quotas.limits.items():
-            if limit.used is not None:
+            # Usage of a billing period that is already over says nothing about the current one.
+            if limit.used is not None and not (isinstance(limit.window, Window) and not limit.window.contains(now)):
                 try:
                     await self.store.seed(Bucket(project, resource, _window(limit.window, now)), limit.used)
                 except StoreError as exc:

@@ -44,6 +44,8 @@ class Limit:
     window: Window | Period | None = None
     #: Usage the upstream itself reported, in store units; it seeds the local counter.
     used: int | None = None
+    #: What one quota unit is, for messages ("credits", "TB").
+    unit: str = ""
 
     @property
     def unlimited(self) -> bool:
@@ -59,6 +61,8 @@ class Limit:
             doc["period"] = self.window.seconds if self.window.seconds is not None else "month"
         if self.used is not None:
             doc["used"] = self.used
+        if self.unit:
+            doc["unit"] = self.unit
         return doc
 
     @classmethod
@@ -73,7 +77,7 @@ class Limit:
             window = Period.parse(doc["period"])
         used = doc.get("used")
         return cls(parse_limit(doc["value"], where), int(doc.get("scale", 1)), window,
-                   None if used is None else parse_limit(used, f"{where} usage"))
+                   None if used is None else parse_limit(used, f"{where} usage"), str(doc.get("unit", "")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 Number = Union[int, float, Decimal, str]
 #: A cost computed from the request: takes the ASGI scope, returns a number of quota units.
 CostFn = Callable[[dict[str, Any]], Number]
+#: A resource name computed from the request (e.g. from a region header).
+ResourceFn = Callable[[dict[str, Any]], str]
 
 
 def _units(cost: Number, scale: int) -> int:
@@ -53,7 +55,7 @@ class Rule:
 
     method: str
     path: str
-    resource: str
+    resource: str | ResourceFn
     cost: Number | CostFn = 1
     action: Action = "consume"
     window: str | float | Period | None = None
@@ -68,7 +70,7 @@ class Rule:
             raise ConfigurationError(f"rule path has a malformed placeholder: {self.path!r}")
         if not self.resource:
             raise ConfigurationError("rule resource must not be empty")
-        names = set(_PLACEHOLDER.findall(self.resource))
+        names = set() if callable(self.resource) else set(_PLACEHOLDER.findall(self.resource))
         if not names <= set(_PLACEHOLDER.findall(self.path)):
             raise ConfigurationError(f"rule resource {self.resource!r} names parameters the path does not have")
         if names:
@@ -95,11 +97,16 @@ class Rule:
         return "".join(re.escape(p) if i % 2 == 0 else (f"(?P<{p}>[^/]+)" if named else "[^/]+")
                        for i, p in enumerate(parts))
 
-    def resource_for(self, path: str) -> str:
+    def resource_for(self, scope: dict[str, Any]) -> str:
         """The resource this request counts against (path parameters filled in)."""
+        if callable(self.resource):
+            resource = self.resource(scope)
+            if not isinstance(resource, str) or not resource:
+                raise IdentityError("This request names no resource to count it against.")
+            return resource
         if self._pattern is None:
             return self.resource
-        match = self._pattern.fullmatch(path)
+        match = self._pattern.fullmatch(scope["path"])
         params = match.groupdict() if match else {}
         return _PLACEHOLDER.sub(lambda m: params.get(m.group(1), ""), self.resource)
 

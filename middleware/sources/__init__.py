@@ -2,6 +2,10 @@
 
 from .barbican import BarbicanSource
 from .base import HTTPSource, QuotaSource
+from .captaindata import CaptainDataSource
+from .generic import JSONSource
+from .latitude import LatitudeSource
 from .static import StaticSource
 
-__all__ = ["BarbicanSource", "HTTPSource", "QuotaSource", "StaticSource"]
+__all__ = ["BarbicanSource", "CaptainDataSource", "HTTPSource", "JSONSource", "LatitudeSource", "QuotaSource",
+           "StaticSource"]

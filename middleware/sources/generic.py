@@ -1,0 +1,109 @@
+"""Any JSON quota API: a URL, headers, and JSON pointers (RFC 6901) from the answer to the limits.
+
+    JSONSource(
+        "https://quota.example.com/projects/{project}/limits",
+        headers={"Authorization": "Bearer ..."},
+        limits={"widgets": "/limits/widgets", "gadgets": "/limits/gadgets"},
+        used={"widgets": "/usage/widgets"},            # optional: seeds the local counters
+        window=("/period/start", "/period/end"),       # optional: ISO 8601 or epoch seconds
+    )
+
+``{project}`` in the URL is replaced by the percent-encoded project id. Limits must be integers
+(negative: unlimited); a pointer that resolves to nothing leaves that resource to the default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ..errors import ConfigurationError, SourceInvalid
+from ..quotas import Limit, Quotas, parse_limit
+from ..windows import Window
+from .base import DEFAULT_TIMEOUT, HTTPSource
+
+_MISSING = object()
+
+
+def resolve_pointer(doc: Any, pointer: str) -> Any:
+    """The value at an RFC 6901 JSON pointer, or _MISSING."""
+    if pointer == "":
+        return doc
+    if not pointer.startswith("/"):
+        raise ConfigurationError(f"JSON pointer must start with '/': {pointer!r}")
+    for token in pointer[1:].split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            doc = doc.get(token, _MISSING)
+        elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
+            doc = doc[int(token)]
+        else:
+            return _MISSING
+        if doc is _MISSING:
+            return _MISSING
+    return doc
+
+
+class JSONSource(HTTPSource):
+    def __init__(self, url: str, *, limits: Mapping[str, str], headers: Mapping[str, str] | None = None,
+                 used: Mapping[str, str] | None = None, window: tuple[str, str] | None = None,
+                 forward_headers: tuple[str, ...] = (), namespace: str = "json",
+                 client: httpx.AsyncClient | None = None, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+                 deadline: float | None = None) -> None:
+        super().__init__("", client=client, timeout=timeout, deadline=deadline)
+        if not limits:
+            raise ConfigurationError("JSONSource needs at least one limit pointer")
+        for pointer in [*limits.values(), *(used or {}).values(), *(window or ())]:
+            resolve_pointer({}, pointer)  # validates the syntax at start-up
+        self.url = url
+        self.headers = dict(headers or {})
+        self.limits = dict(limits)
+        self.used = dict(used or {})
+        self.window = window
+        self.forward_headers = tuple(h.lower() for h in forward_headers)
+        self.namespace = namespace
+
+    async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
+        url = self.url.replace("{project}", quote(project, safe=""))
+        doc = await self.get_json(url, headers={"Accept": "application/json", **self.headers, **headers})
+        return self.parse(doc)
+
+    def parse(self, doc: Any) -> Quotas:
+        window = None
+        if self.window is not None:
+            start, end = (_instant(resolve_pointer(doc, p), p) for p in self.window)
+            if start is not None and end is not None:
+                if end <= start:
+                    raise SourceInvalid("quota window ends before it starts")
+                window = Window(start, end)
+        limits: dict[str, Limit] = {}
+        for resource, pointer in self.limits.items():
+            value = resolve_pointer(doc, pointer)
+            if value is _MISSING:
+                continue
+            used_pointer = self.used.get(resource)
+            used = None if used_pointer is None else resolve_pointer(doc, used_pointer)
+            limits[resource] = Limit(parse_limit(value, pointer), window=window,
+                                     used=None if used in (None, _MISSING) else max(0, parse_limit(used, used_pointer)))
+        return Quotas(limits)
+
+
+def _instant(value: Any, where: str) -> float | None:
+    if value is None or value is _MISSING:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is not None:
+                return moment.timestamp()
+    raise SourceInvalid(f"{where} is not an ISO 8601 date-time with a time zone or epoch seconds")
