@@ -1,0 +1,234 @@
+"""Each source against the seed documents' own example bodies, byte for byte, and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from middleware import (
+    BarbicanSource,
+    CaptainDataSource,
+    JSONSource,
+    LatitudeSource,
+    Period,
+    SourceInvalid,
+    SourceRejected,
+    SourceUnavailable,
+    Window,
+)
+from middleware.sources.latitude import BYTES_PER_MBPS_WINDOW, BYTES_PER_TB
+
+pytestmark = pytest.mark.anyio
+
+FIXTURES = Path(__file__).resolve().parent.parent / "examples" / "fixtures"
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+class Upstream:
+    """Serves one canned answer and records the requests it got."""
+
+    def __init__(self, body: bytes, status: int = 200, media_type: str = "application/json",
+                 headers: dict[str, str] | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.body, self.status, self.media_type, self.headers = body, status, media_type, headers or {}
+
+    def client(self) -> httpx.AsyncClient:
+        def handle(request: httpx.Request) -> httpx.Response:
+            self.requests.append(request)
+            return httpx.Response(self.status, content=self.body,
+                                  headers={"Content-Type": self.media_type, **self.headers})
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+# -- Barbican -------------------------------------------------------------------------------------
+
+async def test_barbican_seed_example() -> None:
+    upstream = Upstream(fixture("barbican_quotas.json"))
+    quotas = await BarbicanSource("http://barbican", client=upstream.client()).fetch("p", {"x-auth-token": "t"})
+    assert {k: v.value for k, v in quotas.limits.items()} == {"secrets": 1000, "cas": 0, "orders": 0,
+                                                              "containers": 1000, "consumers": 1000}
+    request = upstream.requests[0]
+    assert request.url == "http://barbican/v1/quotas" and request.headers["x-auth-token"] == "t"
+
+
+async def test_barbican_ignores_unknown_fields_and_keeps_negative_as_unlimited() -> None:
+    body = json.dumps({"quotas": {"secrets": -7, "links": [{"rel": "self"}]}, "extra": True}).encode()
+    quotas = await BarbicanSource("http://b", client=Upstream(body).client()).fetch("p", {"x-auth-token": "t"})
+    assert dict(quotas.limits) == {"secrets": quotas.limit("secrets")} and quotas.limit("secrets").value == -1
+
+
+# -- Latitude.sh ----------------------------------------------------------------------------------
+
+async def test_latitude_seed_example_normal_billing_is_monthly_tb_in_bytes() -> None:
+    upstream = Upstream(fixture("latitude_traffic_quota.json"), media_type="application/vnd.api+json")
+    source = LatitudeSource("https://api.latitude.test", token="lat-key", client=upstream.client())
+    quotas = await source.fetch("proj_lkg1DekRdvZE5", {})
+    limit = quotas.limit("traffic:brazil")
+    assert limit.value == 20 * BYTES_PER_TB and limit.scale == BYTES_PER_TB and limit.unit == "TB"
+    assert limit.window == Period(None)  # calendar month
+    assert quotas.limit("traffic:reg_9QDB5qag") == limit
+    request = upstream.requests[0]
+    assert request.url.path == "/traffic/quota"
+    assert request.url.params["filter[project]"] == "proj_lkg1DekRdvZE5"
+    assert request.headers["authorization"] == "lat-key"
+    assert request.headers["accept"] == "application/vnd.api+json"
+
+
+async def test_latitude_project_matches_by_slug() -> None:
+    upstream = Upstream(fixture("latitude_traffic_quota.json"), media_type="application/vnd.api+json")
+    quotas = await LatitudeSource("http://l", token="k", client=upstream.client()).fetch("incredible-bronze-knife", {})
+    assert quotas.limit("traffic:brazil").value == 20 * BYTES_PER_TB
+
+
+def latitude_doc(method: str, tb: Any, mbps: Any) -> bytes:
+    doc = json.loads(fixture("latitude_traffic_quota.json"))
+    entry = doc["data"]["attributes"]["quota_per_project"][0]
+    entry["billing_method"] = method
+    entry["quota_per_region"][0]["quota_in_tb"] = tb
+    entry["quota_per_region"][0]["quota_in_mbps"] = mbps
+    return json.dumps(doc).encode()
+
+
+async def test_latitude_95th_percentile_is_a_bandwidth_rate_and_ignores_the_tb_object() -> None:
+    body = latitude_doc("95th percentile", {"granted": 0, "additional": 0, "total": 0},
+                        {"granted": 80, "additional": 20, "total": 100})
+    quotas = await LatitudeSource("http://l", token="k", client=Upstream(body).client()).fetch("proj_lkg1DekRdvZE5", {})
+    limit = quotas.limit("traffic:brazil")
+    assert limit.value == 100 * BYTES_PER_MBPS_WINDOW == 100 * 125_000 * 60
+    assert limit.window == Period(60.0) and limit.unit == "Mbps"
+
+
+@pytest.mark.parametrize(("method", "tb", "mbps"), [
+    ("Normal", {"granted": 20, "additional": 0, "total": 20}, None),  # the other object may be null
+    ("Normal", {"granted": 20, "additional": 0, "total": 20}, {"total": 0}),
+])
+async def test_latitude_object_that_does_not_apply_is_never_read_as_disabled(method: str, tb: Any, mbps: Any) -> None:
+    body = latitude_doc(method, tb, mbps)
+    quotas = await LatitudeSource("http://l", token="k", client=Upstream(body).client()).fetch("proj_lkg1DekRdvZE5", {})
+    assert quotas.limit("traffic:brazil").value == 20 * BYTES_PER_TB
+
+
+async def test_latitude_applicable_zero_total_means_no_quota_set() -> None:
+    body = latitude_doc("Normal", {"granted": 0, "additional": 0, "total": 0}, {"total": 0})
+    quotas = await LatitudeSource("http://l", token="k", client=Upstream(body).client()).fetch("proj_lkg1DekRdvZE5", {})
+    assert "traffic:brazil" not in quotas.limits
+
+
+@pytest.mark.parametrize("body", [
+    latitude_doc("Normal", {"total": "20"}, None),
+    latitude_doc("Normal", {"total": True}, None),
+    latitude_doc("Normal", None, {"total": 5}),
+    latitude_doc("Flat rate", {"total": 20}, None),
+    latitude_doc("Normal", {"total": 10**6}, None),  # 10^18 bytes: more than the store counts exactly
+    b'{"data": null}',
+])
+async def test_latitude_malformed_answers_are_upstream_errors(body: bytes) -> None:
+    source = LatitudeSource("http://l", token="k", client=Upstream(body).client())
+    with pytest.raises(SourceInvalid):
+        await source.fetch("proj_lkg1DekRdvZE5", {})
+
+
+async def test_latitude_unknown_project_and_jsonapi_errors_are_reported() -> None:
+    upstream = Upstream(fixture("latitude_traffic_quota.json"), media_type="application/vnd.api+json")
+    with pytest.raises(SourceRejected, match="no traffic quota for project 'other'"):
+        await LatitudeSource("http://l", token="k", client=upstream.client()).fetch("other", {})
+    errors = json.dumps({"errors": [{"status": "401", "code": "UNAUTHORIZED", "title": "Unauthorized",
+                                     "detail": "Invalid API key"}]}).encode()
+    source = LatitudeSource("http://l", token="k", client=Upstream(errors, 401, "application/vnd.api+json").client())
+    with pytest.raises(SourceRejected, match="Unauthorized: Invalid API key") as info:
+        await source.fetch("proj_lkg1DekRdvZE5", {})
+    assert info.value.status_code == 401
+
+
+async def test_latitude_wrong_media_type_is_an_upstream_error() -> None:
+    upstream = Upstream(fixture("latitude_traffic_quota.json"), media_type="text/html")
+    with pytest.raises(SourceInvalid, match="media type"):
+        await LatitudeSource("http://l", token="k", client=upstream.client()).fetch("proj_lkg1DekRdvZE5", {})
+
+
+# -- Captain Data ---------------------------------------------------------------------------------
+
+async def test_captaindata_seed_example() -> None:
+    upstream = Upstream(fixture("captaindata_quotas.json"))
+    quotas = await CaptainDataSource("https://api.cd.test", api_key="cd-key", client=upstream.client()).fetch("p", {})
+    limit = quotas.limit("credits")
+    assert limit.value == 100_000 and limit.scale == 1000 and limit.used == 50_000 and limit.unit == "credits"
+    assert limit.window == Window(1696118400.0, 1698796799.0)  # 2023-10-01T00:00:00Z .. 2023-10-31T23:59:59Z
+    request = upstream.requests[0]
+    assert str(request.url) == "https://api.cd.test/v1/quotas" and request.headers["x-api-key"] == "cd-key"
+
+
+async def test_captaindata_fractional_usage_stays_exact_and_null_period_is_a_calendar_month() -> None:
+    doc = json.loads(fixture("captaindata_quotas.json")) | {"credits_used": 12.345, "current_month_start": None,
+                                                            "current_month_end": None}
+    quotas = await CaptainDataSource(api_key="k", client=Upstream(json.dumps(doc).encode()).client()).fetch("p", {})
+    assert quotas.limit("credits").used == 12_345
+    assert quotas.limit("credits").window == Period(None)
+
+
+@pytest.mark.parametrize(("name", "label"), [("captaindata_workspace_404.json", "WORKSPACE_404_NOT_FOUND"),
+                                             ("captaindata_admin_404.json", "WORKSPACE_ADMIN_404_NOT_FOUND")])
+async def test_captaindata_404_names_the_error_label(name: str, label: str) -> None:
+    source = CaptainDataSource(api_key="k", client=Upstream(fixture(name), status=404).client())
+    with pytest.raises(SourceRejected, match=label) as info:
+        await source.fetch("p", {})
+    assert info.value.status_code == 404
+
+
+async def test_captaindata_429_carries_retry_after() -> None:
+    source = CaptainDataSource(api_key="k", client=Upstream(b"{}", 429, headers={"Retry-After": "42"}).client())
+    with pytest.raises(SourceUnavailable) as info:
+        await source.fetch("p", {})
+    assert info.value.retry_after == 42
+
+
+async def test_captaindata_key_per_project() -> None:
+    upstream = Upstream(fixture("captaindata_quotas.json"))
+    source = CaptainDataSource(api_key={"p1": "key-1"}, client=upstream.client())
+    await source.fetch("p1", {})
+    assert upstream.requests[0].headers["x-api-key"] == "key-1"
+    with pytest.raises(SourceRejected, match="no Captain Data workspace"):
+        await source.fetch("p2", {})
+
+
+@pytest.mark.parametrize("change", [{"credits_max": "100"}, {"credits_max": 1.5}, {"credits_max": None},
+                                    {"credits_used": "50"}, {"credits_used": True}, {"credits_used": -1},
+                                    {"current_month_start": "yesterday"}, {"current_month_end": None},
+                                    {"current_month_end": "2023-09-01T00:00:00Z"}, {"credits_max": 2**60}])
+async def test_captaindata_wrong_types_are_upstream_errors(change: dict[str, Any]) -> None:
+    doc = json.loads(fixture("captaindata_quotas.json")) | change
+    source = CaptainDataSource(api_key="k", client=Upstream(json.dumps(doc).encode()).client())
+    with pytest.raises(SourceInvalid):
+        await source.fetch("p", {})
+
+
+# -- generic JSON ---------------------------------------------------------------------------------
+
+async def test_json_source_reads_pointers() -> None:
+    body = json.dumps({"plan": {"limits": {"widgets": 10, "a/b": 3}}, "usage": {"widgets": 4},
+                       "period": {"from": "2030-01-01T00:00:00+00:00", "to": 1893456000 + 86400}}).encode()
+    upstream = Upstream(body)
+    source = JSONSource("http://q.test/projects/{project}/limits", headers={"Authorization": "Bearer s"},
+                        limits={"widgets": "/plan/limits/widgets", "ab": "/plan/limits/a~1b", "gone": "/nope"},
+                        used={"widgets": "/usage/widgets"}, window=("/period/from", "/period/to"),
+                        client=upstream.client())
+    quotas = await source.fetch("team/1", {})
+    widgets = quotas.limit("widgets")
+    assert widgets.value == 10 and widgets.used == 4 and widgets.window == Window(1893456000.0, 1893542400.0)
+    assert quotas.limit("ab").value == 3 and "gone" not in quotas.limits
+    assert upstream.requests[0].url.raw_path == b"/projects/team%2F1/limits"
+    assert upstream.requests[0].headers["authorization"] == "Bearer s"
+
+
+async def test_json_source_rejects_wrong_types() -> None:
+    source = JSONSource("http://q.test", limits={"w": "/w"}, client=Upstream(b'{"w": "10"}').client())
+    with pytest.raises(SourceInvalid):
+        await source.fetch("p", {})
