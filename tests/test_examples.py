@@ -1,0 +1,46 @@
+"""The examples users copy, run as users run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from examples import credits_gate, traffic_gate
+from middleware import MemoryStore
+from tests.servers import ROOT
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    ("examples.demo", ["-> 400", "-> 403", "-> 204", "-> 401", "secrets allows 5, 5 already in use"]),
+    ("examples.credits_gate", ["-> 429", "allows 100 credits per window"]),
+    ("examples.traffic_gate", ["5,000,000 bytes", "-> 429", "allows 20 TB per window"]),
+])
+def test_demo_runs_without_a_server(module: str, expected: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    for text in expected:
+        assert text in result.stdout, (text, result.stdout)
+    assert "Traceback" not in result.stderr
+
+
+async def test_credits_gate_spends_exactly_the_seed_quota() -> None:
+    app = credits_gate.create_app(credits_gate.local_source(), MemoryStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gate") as client:
+        statuses = [(await client.post("/v1/companies/search", headers={"X-Project-Id": "w"})).status_code
+                    for _ in range(401)]
+    assert statuses.count(200) == 400 and statuses[-1] == 429  # 100 credits at 0.25 each
+
+
+async def test_traffic_gate_reads_the_seed_region() -> None:
+    app = traffic_gate.create_app(traffic_gate.local_source(), MemoryStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cdn") as client:
+        response = await client.get("/regions/brazil/files/f?size=10", headers={"X-Project-Id": "proj_lkg1DekRdvZE5"})
+        unknown = await client.get("/regions/brazil/files/f?size=10", headers={"X-Project-Id": "someone-else"})
+    assert response.status_code == 200 and response.headers["ratelimit-policy"].startswith('"traffic:brazil";q=20;w=')
+    assert unknown.status_code == 403 and "no traffic quota" in unknown.json()["description"]
