@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from middleware import Bucket, RedisStore, Store
+from middleware import Bucket, Decision, RedisStore, Store, StoreError
 from middleware.keys import counter_keys
 from middleware.stores.base import WINDOW_GRACE_MS
 from middleware.windows import Period
@@ -189,3 +189,26 @@ async def test_seed_raises_usage_but_never_lowers_it(store: Store) -> None:
     assert await store.seed(B, 20) == 50
     assert await store.charge(B, 5) == 55
     assert await store.seed(B, 60) == 60
+
+
+# -- Redis only: what Redis itself can do to us ---------------------------------------------------
+
+async def test_a_corrupt_counter_fails_alone(store: Store) -> None:
+    if not isinstance(store, RedisStore):
+        pytest.skip("only Redis can be corrupted from outside")
+    good, bad = Bucket("good", "secrets"), Bucket("bad", "secrets")
+    counter, _ = counter_keys(store.prefix, "bad", "secrets")
+    await store.client.set(counter, b"not-a-number")
+    results = await asyncio.gather(store.reserve(good, 1, 5, LEASE), store.reserve(bad, 1, 5, LEASE),
+                                   return_exceptions=True)  # one batch, one script call
+    assert isinstance(results[0], Decision) and results[0].admitted
+    assert isinstance(results[1], StoreError) and "not a number" in str(results[1])
+    assert await store.client.get(counter) == b"not-a-number"  # nothing was made up
+
+
+async def test_scripts_reload_after_script_flush(store: Store) -> None:
+    if not isinstance(store, RedisStore):
+        pytest.skip("scripts are a Redis thing")
+    assert (await store.reserve(B, 1, 5, LEASE)).admitted
+    await store.client.script_flush()
+    assert (await store.reserve(B, 1, 5, LEASE)).used == 2

@@ -13,6 +13,7 @@ its way and the lease protects the count if the settlement is lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -48,14 +49,20 @@ class _Op(NamedTuple):
     lease_until: int
     expires: int
     #: None for settlements, which nobody waits for.
-    future: asyncio.Future[list[int]] | None
+    future: asyncio.Future[tuple[int, int]] | None
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
-        future: asyncio.Future[list[int]] | None = None) -> _Op:
+        future: asyncio.Future[tuple[int, int]] | None = None) -> _Op:
+    counter, leases = _keys(prefix, bucket)
+    return _Op(counter, leases, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, future)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _keys(prefix: str, bucket: Bucket) -> tuple[str, str]:
+    # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
     window = None if bucket.window is None else int(bucket.window.start)
-    counter, leases = counter_keys(prefix, bucket.project, bucket.resource, window)
-    return _Op(counter, leases, kind, member, amount, limit, lease_until, bucket.expires_ms, future)
+    return counter_keys(prefix, bucket.project, bucket.resource, window)
 
 
 def _fail(op: _Op, error: StoreError) -> None:
@@ -145,8 +152,8 @@ class RedisStore(Store):
     # -- batching -------------------------------------------------------------------------------
 
     async def _call(self, bucket: Bucket, kind: str, amount: int, limit: int = 0, member: str = "",
-                    lease_until: int = 0) -> list[int]:
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+                    lease_until: int = 0) -> tuple[int, int]:
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._enqueue(_op(self.prefix, bucket, kind, amount, limit, member, lease_until, future))
         return await future
 
@@ -175,26 +182,27 @@ class RedisStore(Store):
         args: list[Any] = [int(self._clock() * 1000)]
         for op in ops:
             keys += (op.counter, op.leases)
-            args += (op.kind, op.member, op.amount, op.limit, op.lease_until, op.expires)
+            args.append(f"{op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires}")
         try:
-            results = await self._guard(self._script(keys=keys, args=args))
-            if not isinstance(results, list) or len(results) != len(ops):
-                raise StoreError(f"store script answered {results!r:.80} for {len(ops)} operations")
+            reply = await self._guard(self._script(keys=keys, args=args))
+            if not isinstance(reply, list) or len(reply) != 2 * len(ops):
+                raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
         except StoreError as exc:
             for op in ops:
                 _fail(op, exc)
             return
-        for op, result in zip(ops, results):
-            if result[0] == -1:
-                _fail(op, StoreError(f"store script failed: {_text(result[1])}"))
+        for i, op in enumerate(ops):
+            flag, used = reply[2 * i], reply[2 * i + 1]
+            if flag == -1:
+                _fail(op, StoreError(f"store script failed: {_text(used)}"))
             elif op.future is None:
                 continue
             elif op.future.cancelled():
                 # The caller went away while its reservation was in flight: give it straight back.
-                if op.kind == "r" and result[0] == 1:
+                if op.kind == "r" and flag == 1:
                     self._enqueue(op._replace(kind="f", future=None))
             elif not op.future.done():
-                op.future.set_result([int(result[0]), int(result[1])])
+                op.future.set_result((flag, used))
 
     async def _guard(self, awaitable: Any) -> Any:
         """Bound every Redis call in time and turn its failures into StoreError."""

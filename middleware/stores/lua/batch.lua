@@ -3,12 +3,13 @@
 -- KEYS: two per operation: the usage counter, and the lease set (a sorted set whose score is
 --       the lease expiry in epoch ms and whose member is "<random id>:<cost>").
 -- ARGV[1]: now, epoch ms (the caller's clock, so that every store shares one notion of time);
---       then six per operation: kind, member, amount, limit, lease expiry ms, key expiry ms
---       (0: the keys never expire; windowed counters expire after their window).
+--       then one per operation, six fields separated by spaces (packed: fewer arguments to
+--       encode and decode on both sides): kind, member, amount, limit, lease expiry ms,
+--       key expiry ms (0: the keys never expire; windowed counters expire after their window).
 -- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage,
 --        m metering check, a add (charge), x seed (raise to at least).
--- Returns one {flag, usage} pair per operation; flag -1 carries an error message instead, and
--- an error in one operation does not stop the others (each runs under pcall).
+-- Returns a flat array, two entries per operation: flag, usage. Flag -1 carries an error message
+-- instead of the usage, and an error in one operation does not stop the others (pcall).
 local now = tonumber(ARGV[1])
 
 local function used_of(counter)
@@ -100,15 +101,21 @@ end
 
 local out = {}
 for i = 1, #KEYS / 2 do
-  local a = 1 + (i - 1) * 6
-  local ok, result = pcall(apply, KEYS[2 * i - 1], KEYS[2 * i], ARGV[a + 1], ARGV[a + 2],
-    tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
+  local kind, member, amount, limit, lease_until, at =
+    string.match(ARGV[i + 1], '^(%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+)$')
+  local ok, result
+  if not kind then
+    ok, result = false, 'malformed operation ' .. tostring(ARGV[i + 1])
+  else
+    ok, result = pcall(apply, KEYS[2 * i - 1], KEYS[2 * i], kind, member, tonumber(amount), tonumber(limit),
+      tonumber(lease_until), tonumber(at))
+  end
   if ok then
-    out[i] = result
+    out[2 * i - 1], out[2 * i] = result[1], result[2]
   else
     -- redis.call raises a table {err = ...}; a plain Lua error is a string.
     if type(result) == 'table' then result = result.err end
-    out[i] = {-1, tostring(result)}
+    out[2 * i - 1], out[2 * i] = -1, tostring(result)
   end
 end
 return out
