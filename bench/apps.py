@@ -44,6 +44,8 @@ def build_guarded_app(redis_url: str) -> QuotaMiddleware:
         rules=[Rule("POST", "/v1/secrets", "secrets")],
         source=StaticSource({"secrets": -1}),
         store=RedisStore(redis_url),
+        # QUOTA_LOCAL_LEASES=1 serves the guarded app with local leases on.
+        local_leases=os.environ.get("QUOTA_LOCAL_LEASES") == "1",
     )
 
 

@@ -9,6 +9,7 @@ Configured by environment:
 - ``QUOTA_SOURCE_URL``: a Barbican-compatible quota API (``GET {url}/v1/quotas``); unset -> the
   static quotas below.
 - ``REDIS_URL``: where usage lives, shared by every worker; unset -> in-memory (one process).
+- ``QUOTA_LOCAL_LEASES=1``: admit from locally leased blocks of quota (see the README).
 
 Run it: ``uvicorn examples.barbican_store:app``.
 """
@@ -177,7 +178,7 @@ def from_env(env: Mapping[str, str] = os.environ) -> Starlette:
     source: QuotaSource = BarbicanSource(url) if url else StaticSource(DEMO_QUOTAS)
     redis_url = env.get("REDIS_URL")
     store: Store = RedisStore(redis_url) if redis_url else MemoryStore()
-    return create_app(source, store)
+    return create_app(source, store, local_leases=env.get("QUOTA_LOCAL_LEASES") == "1")
 
 
 app = from_env()

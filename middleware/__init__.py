@@ -17,7 +17,7 @@ from .rendering import Rejection, Rendered, barbican_error, problem_json
 from .rules import Rule
 from .sources import BarbicanSource, CaptainDataSource, HTTPSource, JSONSource, LatitudeSource, QuotaSource, StaticSource
 from .windows import Period, Window
-from .stores import Bucket, Decision, MemoryStore, RedisStore, Reservation, Store
+from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Reservation, Store
 
 __all__ = [
     "UNLIMITED",
@@ -31,6 +31,7 @@ __all__ = [
     "IdentityError",
     "JSONSource",
     "LatitudeSource",
+    "LeasingStore",
     "Limit",
     "MemoryStore",
     "Period",

@@ -1,0 +1,230 @@
+"""Local leases: admit most requests in process, from blocks of quota reserved in the store.
+
+While a project is far from its limit, a worker reserves a *block* of quota in the inner store (one
+reservation of many units, with a lease) and admits requests from it with no round trip. Blocks
+are sized as a small fraction of what remains, so they shrink as the project nears its limit; once
+a block would be too small to matter every decision goes to the inner store, one by one. A block
+admits for ``block_seconds``; then, once its requests have settled, it is settled in the store:
+the units its requests kept are committed and the rest given back. A killed worker's block expires
+with its lease like any other reservation.
+
+What this trades: the store counts whole blocks while they are open, so other workers may refuse a
+request for a moment while this one still holds unused units (never the other way round: nothing
+is ever admitted past the limit), usage read from the store includes open blocks, and the
+``RateLimit`` remaining value is this worker's estimate. Do not use it where every single
+admission must be decided centrally; it is off unless you ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+from ..errors import StoreError
+from .base import Bucket, Decision, Reservation, Store
+
+logger = logging.getLogger("middleware.store")
+
+_LOCAL = "~"  # members of reservations taken from a local block start with this
+
+
+@dataclass(eq=False, slots=True)
+class _Block:
+    id: str
+    bucket: Bucket
+    limit: int
+    reservation: Reservation
+    #: Store usage right after the block was granted (the block included).
+    used_at_grant: int
+    committed: int = 0
+    inflight: int = 0
+    open: bool = True
+    requests: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def available(self) -> int:
+        return self.reservation.cost - self.committed - self.inflight
+
+
+class LeasingStore(Store):
+    def __init__(self, inner: Store, *, divisor: int = 64, max_block: int = 1000, block_seconds: float = 1.0) -> None:
+        self.inner = inner
+        self.shares_cache = inner.shares_cache
+        #: A block is at most 1/divisor of what remains in the store.
+        self.divisor = divisor
+        self.max_block = max_block
+        self.block_seconds = block_seconds
+        self._open: dict[Bucket, _Block] = {}
+        self._unsettled: dict[str, _Block] = {}
+        self._granting: dict[Bucket, asyncio.Future[None]] = {}
+        self._last_used: dict[Bucket, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: dict[Bucket, asyncio.Task[None]] = {}
+
+    # -- admission ------------------------------------------------------------------------------
+
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
+        taken = self._take(bucket, cost, limit)
+        if taken is not None:
+            return taken
+        settling = self._settling.get(bucket)
+        if settling is not None:  # a block just closed: its unused units go back before we decide
+            await asyncio.shield(settling)
+        granting = self._granting.get(bucket)
+        if granting is not None:  # another request is fetching a block for this bucket: share it
+            await asyncio.shield(granting)
+            taken = self._take(bucket, cost, limit)
+            if taken is not None:
+                return taken
+        size = self._block_size(bucket, limit)
+        if size >= 2 * cost and granting is None:
+            taken = await self._grant(bucket, size, cost, limit, lease_ms)
+            if taken is not None:
+                return taken
+        decision = await self.inner.reserve(bucket, cost, limit, lease_ms)
+        self._last_used[bucket] = decision.used
+        return decision
+
+    def _block_size(self, bucket: Bucket, limit: int) -> int:
+        if limit < 0:
+            return self.max_block
+        used = self._last_used.get(bucket)
+        if used is None:
+            return 0  # know where the project stands before leasing anything
+        return min(self.max_block, (limit - used) // self.divisor)
+
+    def _take(self, bucket: Bucket, cost: int, limit: int) -> Decision | None:
+        block = self._open.get(bucket)
+        if block is None:
+            return None
+        if block.limit != limit or block.available < cost:
+            self._close(block)  # a changed limit, or not enough left: no more admissions from it
+            return None
+        member = f"{_LOCAL}{block.id}:{os.urandom(6).hex()}"
+        block.inflight += cost
+        block.requests[member] = cost
+        estimate = block.used_at_grant - block.available
+        return Decision(True, estimate, limit, Reservation(bucket, cost, member, block.reservation.expires_ms))
+
+    async def _grant(self, bucket: Bucket, size: int, cost: int, limit: int, lease_ms: int) -> Decision | None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._granting[bucket] = done
+        try:
+            decision = await self.inner.reserve(bucket, size, limit, lease_ms + int(self.block_seconds * 1000))
+        finally:
+            del self._granting[bucket]
+            done.set_result(None)
+        self._last_used[bucket] = decision.used
+        if not decision.admitted or decision.reservation is None:
+            return None
+        block = _Block(os.urandom(6).hex(), bucket, limit, decision.reservation, decision.used)
+        previous = self._open.get(bucket)
+        if previous is not None:
+            self._close(previous)
+        self._open[bucket] = block
+        self._unsettled[block.id] = block
+        asyncio.get_running_loop().call_later(self.block_seconds, self._close, block)
+        return self._take(bucket, cost, limit)
+
+    # -- settlement -----------------------------------------------------------------------------
+
+    async def commit(self, reservation: Reservation) -> None:
+        block = self._block_of(reservation)
+        if block is None:
+            await self.inner.commit(reservation)
+            return
+        cost = block.requests.pop(reservation.member, 0)
+        block.inflight -= cost
+        block.committed += cost
+        self._settle_if_done(block)
+
+    async def refund(self, reservation: Reservation) -> None:
+        block = self._block_of(reservation)
+        if block is None:
+            await self.inner.refund(reservation)
+            return
+        block.inflight -= block.requests.pop(reservation.member, 0)  # back to the block's available units
+        self._settle_if_done(block)
+
+    def _block_of(self, reservation: Reservation) -> _Block | None:
+        if not reservation.member.startswith(_LOCAL):
+            return None
+        return self._unsettled.get(reservation.member[1:].split(":", 1)[0])
+
+    def _close(self, block: _Block) -> None:
+        if block.open:
+            block.open = False
+            if self._open.get(block.bucket) is block:
+                del self._open[block.bucket]
+        self._settle_if_done(block)
+
+    def _settle_if_done(self, block: _Block) -> None:
+        if block.open or block.inflight or self._unsettled.pop(block.id, None) is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._settle(block))
+        self._tasks.add(task)
+        self._settling[block.bucket] = task
+        task.add_done_callback(lambda t: self._forget(block.bucket, t))
+
+    def _forget(self, bucket: Bucket, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._settling.get(bucket) is task:
+            del self._settling[bucket]
+
+    async def _settle(self, block: _Block) -> None:
+        """Keep what the block's requests kept; give the rest back."""
+        unused = block.reservation.cost - block.committed
+        try:
+            await self.inner.commit(block.reservation)
+            if unused:
+                used = await self.inner.release(block.bucket, unused)
+                self._last_used[block.bucket] = used
+        except StoreError as exc:
+            logger.warning("could not settle a block of project %r (its lease will): %s", block.bucket.project, exc)
+
+    # -- the rest of the contract goes to the inner store -----------------------------------------
+
+    async def usage(self, bucket: Bucket) -> int:
+        held = sum(b.available for b in self._unsettled.values() if b.bucket == bucket)
+        return max(0, await self.inner.usage(bucket) - held)
+
+    async def check(self, bucket: Bucket, limit: int) -> Decision:
+        return await self.inner.check(bucket, limit)
+
+    async def charge(self, bucket: Bucket, amount: int) -> int:
+        return await self.inner.charge(bucket, amount)
+
+    async def seed(self, bucket: Bucket, used: int) -> int:
+        return await self.inner.seed(bucket, used)
+
+    async def release(self, bucket: Bucket, cost: int) -> int:
+        return await self.inner.release(bucket, cost)
+
+    async def set_usage(self, bucket: Bucket, value: int) -> None:
+        await self.inner.set_usage(bucket, value)
+
+    async def load_shared(self, key: str) -> bytes | None:
+        return await self.inner.load_shared(key)
+
+    async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
+        await self.inner.save_shared(key, blob, ttl_ms)
+
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        return await self.inner.try_lock(key, token, ttl_ms)
+
+    async def unlock(self, key: str, token: str) -> None:
+        await self.inner.unlock(key, token)
+
+    async def flush(self) -> None:
+        """Close every block; settle those whose requests are done; then flush the inner store."""
+        for block in list(self._open.values()):
+            self._close(block)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+        await self.inner.flush()
+
+    async def aclose(self) -> None:
+        await self.flush()
+        await self.inner.aclose()
