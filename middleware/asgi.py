@@ -25,6 +25,7 @@ from .rendering import Rejection, Renderer, barbican_error, format_amount, ratel
 from .rules import Rule, RuleTable
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Store
+from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .windows import Period, Window, calendar_month
 
@@ -103,6 +104,7 @@ class QuotaMiddleware:
         stale_ttl: float = 300.0,
         cache_size: int = 10_000,
         lease_seconds: float = 120.0,
+        local_leases: bool = False,
         on_source_error: Policy = "fail_closed",
         on_store_error: Policy = "fail_closed",
         retry_after: float = 5.0,
@@ -117,7 +119,9 @@ class QuotaMiddleware:
         self.app = app
         self.rules = RuleTable(rules)
         self.source = source
-        self.store = store if store is not None else MemoryStore(clock=clock)
+        store = store if store is not None else MemoryStore(clock=clock)
+        # Local leases only pay where a round trip is saved: around a shared store.
+        self.store = LeasingStore(store) if local_leases and store.shares_cache else store
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
@@ -267,6 +271,7 @@ class QuotaMiddleware:
             try:
                 await self.store.release(bucket, units)
             except StoreError as exc:
+                # The Redis store keeps sending it until it is applied (once).
                 logger.warning(SETTLE_FAILED, bucket.project, exc)
 
     async def _seed(self, project: str, quotas: Quotas) -> None:

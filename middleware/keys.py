@@ -24,12 +24,12 @@ def project_tag(prefix: str, project: str) -> str:
     return f"{prefix}{{{escape(project)}}}"
 
 
-def counter_keys(prefix: str, project: str, resource: str, window: int | None = None) -> tuple[str, str]:
-    """(usage counter, lease set) of one project, resource and (optional) window start."""
+def counter_keys(prefix: str, project: str, resource: str, window: int | None = None) -> tuple[str, str, str]:
+    """(usage counter, lease set, settled set) of one project, resource and (optional) window start."""
     base = f"{project_tag(prefix, project)}:{escape(resource)}"
     if window is not None:
         base = f"{base}:w{window}"
-    return f"{base}:used", f"{base}:leases"
+    return f"{base}:used", f"{base}:leases", f"{base}:settled"
 
 
 def quotas_key(prefix: str, project: str, namespace: str) -> str:

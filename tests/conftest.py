@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator, Iterator
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from middleware import MemoryStore, RedisStore, Store
-from tests.servers import RedisServer
+from tests.servers import RedisCluster, RedisServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -50,6 +51,20 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real three-master Redis Cluster for the whole session. Mandatory in CI; skipped elsewhere if absent."""
+    try:
+        cluster = RedisCluster()
+    except FileNotFoundError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(str(exc))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 async def real_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis(port=redis_server.port, socket_timeout=2)
@@ -58,7 +73,7 @@ async def real_redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]
     await client.aclose()
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis"])
+@pytest.fixture(params=["memory", "fakeredis", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
     """The same contract runs over every store."""
     if request.param == "memory":
@@ -66,6 +81,10 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
         return
     if request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis()
+    elif request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        client = AsyncRedisCluster(host="127.0.0.1", port=cluster.ports[0], socket_timeout=2)
+        await client.flushall(target_nodes=AsyncRedisCluster.PRIMARIES)
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         client = aioredis.Redis(port=server.port, socket_timeout=2)

@@ -97,3 +97,171 @@ def uvicorn_server(app: str, *, env: Mapping[str, str], workers: int = 1,
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def uvicorn_process(app: str, *, env: Mapping[str, str], workers: int = 1,
+                    extra: Sequence[str] = ()) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like :func:`uvicorn_server`, but also yields the process (to signal or kill it).
+
+    With ``workers=1`` uvicorn serves in that very process: killing it kills the worker.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers), "--log-level", "warning", "--no-access-log", *extra]
+    process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is None and httpx.get(base + "/", timeout=1).status_code < 500,
+                   what=f"uvicorn {app}")
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------------
+
+class RedisCluster:
+    """Three cluster-enabled redis-server masters on loopback, joined by ``redis-cli --cluster create``.
+
+    A node also listens on its cluster bus port, ``port + 10000``. Ports are drawn below the
+    kernel's ephemeral range (which starts at 32768 on Linux) so that neither a node's port nor its
+    bus port can collide with a port the kernel hands out to another test. Every wait is bounded;
+    a failed start stops whatever it had started and removes its directory.
+    """
+
+    MASTERS = 3
+    BUS_OFFSET = 10_000
+    SLOTS = 16_384
+
+    def __init__(self, *, masters: int = MASTERS, timeout: float = 20.0) -> None:
+        import random
+
+        server = shutil.which("redis-server")
+        cli = shutil.which("redis-cli")
+        if server is None or cli is None:
+            raise FileNotFoundError("redis-server and redis-cli are not installed "
+                                    "(Debian: apt-get install redis-server redis-tools)")
+        self.server_binary = server
+        self.cli_binary = cli
+        self.masters = masters
+        self.timeout = timeout
+        self._random = random.Random()
+        self.ports: list[int] = []
+        self.dir: str | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        """The first node; a cluster client discovers the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    @staticmethod
+    def _bindable(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    def _pick_port(self, taken: set[int]) -> int:
+        for _ in range(500):
+            port = self._random.randrange(12_000, 22_700)
+            bus = port + self.BUS_OFFSET
+            if not {port, bus} & taken and self._bindable(port) and self._bindable(bus):
+                return port
+        raise RuntimeError("no free port pair (port, port + 10000) on 127.0.0.1")
+
+    def _node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        self.dir = tempfile.mkdtemp(prefix="qm-redis-cluster-")
+        taken: set[int] = set()
+        for _ in range(self.masters):
+            port = self._pick_port(taken)
+            taken |= {port, port + self.BUS_OFFSET}
+            self.ports.append(port)
+        for port in self.ports:
+            args = [self.server_binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", self.dir,
+                    "--cluster-enabled", "yes", "--cluster-config-file", f"{self.dir}/nodes-{port}.conf",
+                    "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
+                    "--protected-mode", "no", "--logfile", f"{self.dir}/redis-{port}.log"]
+            self.processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port, process in zip(self.ports, self.processes):
+            node = self._node(port)
+            try:
+                wait_until(lambda: process.poll() is None and node.ping(), timeout=self._left(deadline),
+                           what=f"cluster node 127.0.0.1:{port}")
+            finally:
+                node.close()
+        create = [self.cli_binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                  "--cluster-replicas", "0", "--cluster-yes"]
+        done = subprocess.run(create, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=self._left(deadline))
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}): "
+                               f"{done.stdout.decode(errors='replace')[-2000:]}"
+                               f"{done.stderr.decode(errors='replace')[-2000:]}")
+        for port in self.ports:
+            node = self._node(port)
+            try:
+                wait_until(lambda: self._ready(node), timeout=self._left(deadline),
+                           what=f"cluster_state:ok on 127.0.0.1:{port}")
+            finally:
+                node.close()
+
+    def _ready(self, node: redis.Redis) -> bool:
+        info = node.execute_command("CLUSTER INFO")
+        if isinstance(info, dict):  # redis-py parses the reply into a dict
+            fields = {str(k): str(v) for k, v in info.items()}
+        else:
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        return (fields.get("cluster_state") == "ok"
+                and fields.get("cluster_slots_assigned") == str(self.SLOTS)
+                and fields.get("cluster_slots_ok") == str(self.SLOTS)
+                and fields.get("cluster_known_nodes") == str(self.masters)
+                and fields.get("cluster_size") == str(self.masters))
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError("Redis Cluster did not start in time")
+        return left
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        self.processes = []
+        self.ports = []
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

@@ -157,9 +157,10 @@ async def test_windowed_counters_expire_after_their_window(store: Store, clock: 
     await store.commit(decision.reservation)
     await store.flush()
     clock.advance(60 + WINDOW_GRACE_MS / 1000 + 1)
+    store = getattr(store, "inner", store)  # a LeasingStore keeps its counters in the store it wraps
     if isinstance(store, RedisStore):
         # Redis expires keys on its own clock: check the deadline it was given instead of waiting.
-        counter, _ = counter_keys(store.prefix, bucket.project, bucket.resource, int(bucket.window.start))
+        counter, *_ = counter_keys(store.prefix, bucket.project, bucket.resource, int(bucket.window.start))
         deadline_ms = await store.client.pexpiretime(counter)
         assert deadline_ms == bucket.expires_ms
     else:
@@ -194,10 +195,11 @@ async def test_seed_raises_usage_but_never_lowers_it(store: Store) -> None:
 # -- Redis only: what Redis itself can do to us ---------------------------------------------------
 
 async def test_a_corrupt_counter_fails_alone(store: Store) -> None:
+    store = getattr(store, "inner", store)
     if not isinstance(store, RedisStore):
         pytest.skip("only Redis can be corrupted from outside")
     good, bad = Bucket("good", "secrets"), Bucket("bad", "secrets")
-    counter, _ = counter_keys(store.prefix, "bad", "secrets")
+    counter, *_ = counter_keys(store.prefix, "bad", "secrets")
     await store.client.set(counter, b"not-a-number")
     results = await asyncio.gather(store.reserve(good, 1, 5, LEASE), store.reserve(bad, 1, 5, LEASE),
                                    return_exceptions=True)  # one batch, one script call
@@ -207,8 +209,27 @@ async def test_a_corrupt_counter_fails_alone(store: Store) -> None:
 
 
 async def test_scripts_reload_after_script_flush(store: Store) -> None:
+    store = getattr(store, "inner", store)
     if not isinstance(store, RedisStore):
         pytest.skip("scripts are a Redis thing")
     assert (await store.reserve(B, 1, 5, LEASE)).admitted
     await store.client.script_flush()
     assert (await store.reserve(B, 1, 5, LEASE)).used == 2
+
+
+async def test_settlements_sent_twice_count_once(store: Store, clock: FakeClock) -> None:
+    kept = await store.reserve(B, 1, 5, LEASE)
+    late = await store.reserve(B, 1, 5, LEASE)
+    dropped = await store.reserve(B, 1, 5, LEASE)
+    assert kept.reservation and late.reservation and dropped.reservation
+    for _ in range(2):  # a retry after a timeout sends the same settlement again
+        await store.commit(kept.reservation)
+        await store.refund(dropped.reservation)
+    await store.flush()
+    assert await store.usage(B) == 2  # kept + the still-leased late one
+    clock.advance(LEASE / 1000 + 1)  # the late one's lease expires and is given back ...
+    assert await store.usage(B) == 1
+    for _ in range(2):  # ... then its commit arrives, twice
+        await store.commit(late.reservation)
+    await store.flush()
+    assert await store.usage(B) == 2

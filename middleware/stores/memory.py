@@ -14,6 +14,8 @@ from .base import Bucket, Decision, Reservation, Store, new_member
 
 #: How often (in the store's clock, ms) buckets of windows that are over are dropped.
 SWEEP_EVERY_MS = 60_000
+#: How long an expired lease is remembered, so that a late commit still counts (once).
+REMEMBER_MS = 86_400_000
 
 
 class MemoryStore(Store):
@@ -22,6 +24,8 @@ class MemoryStore(Store):
         self._used: dict[Bucket, int] = {}
         # bucket -> {member: (expires_ms, cost)}; a bucket's dict is dropped once empty.
         self._leases: dict[Bucket, dict[str, tuple[int, int]]] = {}
+        # member -> forget-after ms: leases that expired unsettled, so a late commit counts once.
+        self._expired: dict[str, int] = {}
         self._next_sweep = 0
 
     def _now_ms(self) -> int:
@@ -36,6 +40,8 @@ class MemoryStore(Store):
         for bucket in [b for b in self._used if 0 < b.expires_ms <= now]:
             del self._used[bucket]
             self._leases.pop(bucket, None)
+        for member in [m for m, until in self._expired.items() if until <= now]:
+            del self._expired[member]
 
     def _purge(self, bucket: Bucket, now_ms: int) -> int:
         leases = self._leases.get(bucket)
@@ -44,6 +50,7 @@ class MemoryStore(Store):
             expired = [m for m, (exp, _) in leases.items() if exp <= now_ms]
             for member in expired:
                 used -= leases.pop(member)[1]
+                self._expired[member] = now_ms + REMEMBER_MS
             if not leases:
                 del self._leases[bucket]
             used = max(0, used)
@@ -82,12 +89,14 @@ class MemoryStore(Store):
             if not leases:
                 del self._leases[reservation.bucket]
             return
-        # The lease expired and was given back: the creation happened, so count it again.
-        self._used[reservation.bucket] = self._used.get(reservation.bucket, 0) + reservation.cost
+        # The lease expired and was given back: the creation happened, so count it again (once).
+        if self._expired.pop(reservation.member, None) is not None:
+            self._used[reservation.bucket] = self._used.get(reservation.bucket, 0) + reservation.cost
 
     async def refund(self, reservation: Reservation) -> None:
         leases = self._leases.get(reservation.bucket)
         if leases is None or leases.pop(reservation.member, None) is None:
+            self._expired.pop(reservation.member, None)
             return  # already given back when its lease expired
         if not leases:
             del self._leases[reservation.bucket]

@@ -7,7 +7,10 @@ trip; under load the Redis cost per request falls. Only one batch is in flight a
 later operation (a usage read, say) always sees the settlements handed over before it.
 
 Commits and refunds are handed over without waiting for the answer: the response is already on
-its way and the lease protects the count if the settlement is lost.
+its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
+(Redis down, a timeout) is sent again, with a back-off, until Redis applies it. Until then the
+reservation's lease holds the count; a commit that arrives after its lease expired counts the
+creation again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -31,7 +35,13 @@ from .base import Bucket, Decision, Reservation, Store, new_member
 
 logger = logging.getLogger("middleware.store")
 
-SETTLEMENT_LOST = "quota settlement was not applied; the lease will settle it: %s"
+SETTLEMENT_DELAYED = "quota settlements could not be applied (%s); sending them again in %.1fs"
+SETTLEMENT_LOST = "gave up on a quota settlement (%s): %s"
+#: Failed settlements are sent again with a back-off from RETRY_MIN to RETRY_MAX seconds, for at
+#: most RETRY_FOR seconds (well within the day the script remembers settled members).
+RETRY_MIN, RETRY_MAX, RETRY_FOR = 0.1, 5.0, 6 * 3600.0
+MAX_RETRY_QUEUE = 100_000
+MAX_CALLS_IN_FLIGHT = 32
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 #: Operations per script call: bounds the time one call blocks Redis.
@@ -42,6 +52,7 @@ MAX_BATCH = 256
 class _Op(NamedTuple):
     counter: str
     leases: str
+    settled: str
     kind: str
     member: str
     amount: int
@@ -50,26 +61,24 @@ class _Op(NamedTuple):
     expires: int
     #: None for settlements, which nobody waits for.
     future: asyncio.Future[tuple[int, int]] | None
+    #: Settlements are sent again until Redis applies them (each is idempotent); since when.
+    retry_since: float | None = None
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
-        future: asyncio.Future[tuple[int, int]] | None = None) -> _Op:
-    counter, leases = _keys(prefix, bucket)
-    return _Op(counter, leases, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, future)
+        future: asyncio.Future[tuple[int, int]] | None = None, retry_since: float | None = None) -> _Op:
+    counter, leases, settled = _keys(prefix, bucket)
+    return _Op(counter, leases, settled, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, future,
+               retry_since)
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[str, str]:
+def _keys(prefix: str, bucket: Bucket) -> tuple[str, str, str]:
     # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
     window = None if bucket.window is None else int(bucket.window.start)
     return counter_keys(prefix, bucket.project, bucket.resource, window)
 
 
-def _fail(op: _Op, error: StoreError) -> None:
-    if op.future is None:
-        logger.warning(SETTLEMENT_LOST, error)
-    elif not op.future.done():
-        op.future.set_exception(error)
 
 
 class RedisStore(Store):
@@ -92,6 +101,11 @@ class RedisStore(Store):
         self._cluster = isinstance(redis, RedisCluster)
         self._queue: list[_Op] = []
         self._worker: asyncio.Task[None] | None = None
+        self._retry: list[_Op] = []
+        self._retry_delay = RETRY_MIN
+        self._retry_timer: asyncio.TimerHandle | None = None
+        # A cluster client refuses, rather than waits for, a connection past its pool's size.
+        self._sending = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -114,13 +128,19 @@ class RedisStore(Store):
         return (await self._call(bucket, "x", used))[1]
 
     async def commit(self, reservation: Reservation) -> None:
-        self._enqueue(_op(self.prefix, reservation.bucket, "c", reservation.cost, 0, reservation.member))
+        self._enqueue(_op(self.prefix, reservation.bucket, "c", reservation.cost, 0, reservation.member,
+                          retry_since=time.monotonic()))
 
     async def refund(self, reservation: Reservation) -> None:
-        self._enqueue(_op(self.prefix, reservation.bucket, "f", reservation.cost, 0, reservation.member))
+        self._enqueue(_op(self.prefix, reservation.bucket, "f", reservation.cost, 0, reservation.member,
+                          retry_since=time.monotonic()))
 
     async def release(self, bucket: Bucket, cost: int) -> int:
-        return (await self._call(bucket, "l", cost))[1]
+        """Give ``cost`` back; if Redis fails, the release is sent again until it is applied (once)."""
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_op(self.prefix, bucket, "l", cost, 0, os.urandom(9).hex(), future=future,
+                          retry_since=time.monotonic()))
+        return (await future)[1]
 
     async def usage(self, bucket: Bucket) -> int:
         return (await self._call(bucket, "u", 0))[1]
@@ -141,8 +161,14 @@ class RedisStore(Store):
         await self._guard(self._unlock_script(keys=[key], args=[token]))
 
     async def flush(self) -> None:
+        """Wait for what was handed over; settlements waiting to be sent again are not waited for."""
         while self._worker is not None and not self._worker.done():
             await asyncio.shield(self._worker)
+
+    @property
+    def pending_settlements(self) -> int:
+        """Settlements that failed and wait to be sent again (they survive an outage, not a restart)."""
+        return len(self._retry)
 
     async def aclose(self) -> None:
         await self.flush()
@@ -168,7 +194,11 @@ class RedisStore(Store):
         while self._queue:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             groups = self._by_slot(batch) if self._cluster else [batch]
-            await asyncio.gather(*(self._send(group) for group in groups))
+            await asyncio.gather(*(self._send_bounded(group) for group in groups))
+
+    async def _send_bounded(self, ops: Sequence[_Op]) -> None:
+        async with self._sending:
+            await self._send(ops)
 
     def _by_slot(self, batch: list[_Op]) -> list[list[_Op]]:
         # On a cluster one script call may only touch one hash slot; keys of a project share one.
@@ -181,28 +211,55 @@ class RedisStore(Store):
         keys: list[str] = []
         args: list[Any] = [int(self._clock() * 1000)]
         for op in ops:
-            keys += (op.counter, op.leases)
+            keys += (op.counter, op.leases, op.settled)
             args.append(f"{op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires}")
         try:
             reply = await self._guard(self._script(keys=keys, args=args))
             if not isinstance(reply, list) or len(reply) != 2 * len(ops):
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever happened, every caller must hear of it
+            error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
             for op in ops:
-                _fail(op, exc)
+                self._fail(op, error, retry=True)
             return
+        self._retry_delay = RETRY_MIN
+        if self._retry:  # Redis answers again: what waits to be sent again goes first
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
+            self._resend()
         for i, op in enumerate(ops):
             flag, used = reply[2 * i], reply[2 * i + 1]
             if flag == -1:
-                _fail(op, StoreError(f"store script failed: {_text(used)}"))
+                # The script ran and refused (a corrupt counter): sending it again would not help.
+                self._fail(op, StoreError(f"store script failed: {_text(used)}"), retry=False)
             elif op.future is None:
                 continue
             elif op.future.cancelled():
                 # The caller went away while its reservation was in flight: give it straight back.
                 if op.kind == "r" and flag == 1:
-                    self._enqueue(op._replace(kind="f", future=None))
+                    self._enqueue(op._replace(kind="f", future=None, retry_since=time.monotonic()))
             elif not op.future.done():
                 op.future.set_result((flag, used))
+
+    def _fail(self, op: _Op, error: StoreError, *, retry: bool) -> None:
+        if op.future is not None and not op.future.done():
+            op.future.set_exception(error)
+        if op.retry_since is None:
+            return
+        if not retry or time.monotonic() - op.retry_since > RETRY_FOR or len(self._retry) >= MAX_RETRY_QUEUE:
+            logger.error(SETTLEMENT_LOST, op.kind, error)
+            return
+        self._retry.append(op._replace(future=None))
+        if self._retry_timer is None:
+            logger.warning(SETTLEMENT_DELAYED, error, self._retry_delay)
+            self._retry_timer = asyncio.get_running_loop().call_later(self._retry_delay, self._resend)
+            self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+
+    def _resend(self) -> None:
+        self._retry_timer = None
+        ops, self._retry = self._retry, []
+        for op in ops:
+            self._enqueue(op)
 
     async def _guard(self, awaitable: Any) -> Any:
         """Bound every Redis call in time and turn its failures into StoreError."""
@@ -211,7 +268,7 @@ class RedisStore(Store):
                 return await awaitable
         except TimeoutError as exc:
             raise StoreError(f"Redis did not answer within {self.timeout}s") from exc
-        except redis_errors.RedisError as exc:
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"Redis unreachable: {exc}") from exc

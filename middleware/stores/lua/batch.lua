@@ -1,7 +1,9 @@
 -- Applies a batch of quota operations atomically and in order.
 --
--- KEYS: two per operation: the usage counter, and the lease set (a sorted set whose score is
---       the lease expiry in epoch ms and whose member is "<random id>:<cost>").
+-- KEYS: three per operation: the usage counter; the lease set (a sorted set whose score is the
+--       lease expiry in epoch ms and whose member is "<random id>:<cost>"); and the settled set,
+--       which remembers for a day the leases that expired unsettled and the releases applied, so
+--       that every settlement can be sent again safely (after a timeout, or an outage).
 -- ARGV[1]: now, epoch ms (the caller's clock, so that every store shares one notion of time);
 --       then one per operation, six fields separated by spaces (packed: fewer arguments to
 --       encode and decode on both sides): kind, member, amount, limit, lease expiry ms,
@@ -11,6 +13,7 @@
 -- Returns a flat array, two entries per operation: flag, usage. Flag -1 carries an error message
 -- instead of the usage, and an error in one operation does not stop the others (pcall).
 local now = tonumber(ARGV[1])
+local REMEMBER_MS = 86400000
 
 local function used_of(counter)
   local raw = redis.call('GET', counter)
@@ -50,49 +53,68 @@ local function lease_cost(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
 end
 
--- Leases past their expiry belong to requests that never settled: give their cost back.
-local function purge(counter, leases, at)
+-- Remember a settled member for a day; forget what is older.
+local function remember(settled, member, at)
+  local added = redis.call('ZADD', settled, 'NX', now + REMEMBER_MS, member)
+  redis.call('ZREMRANGEBYSCORE', settled, '-inf', now)
+  redis.call('PEXPIRE', settled, REMEMBER_MS)
+  return added
+end
+
+-- Leases past their expiry belong to requests that never settled: give their cost back, and
+-- remember them, so that a commit arriving late counts its creation again.
+local function purge(counter, leases, settled, at)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
   if #expired == 0 then return used_of(counter) end
   local back = 0
-  for _, member in ipairs(expired) do back = back + lease_cost(member) end
+  for _, member in ipairs(expired) do
+    back = back + lease_cost(member)
+    remember(settled, member, at)
+  end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
   return give_back(counter, back, at)
 end
 
-local function apply(counter, leases, kind, member, amount, limit, lease_until, at)
+local function apply(counter, leases, settled, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
-    local used = purge(counter, leases, at)
+    local used = purge(counter, leases, settled, at)
+    -- The same reservation sent twice (a client retry after a timeout) is reserved once.
+    if redis.call('ZSCORE', leases, member) then return {1, used} end
     if limit >= 0 and used + amount > limit then return {0, used} end
     used = add(counter, amount, at)
     redis.call('ZADD', leases, lease_until, member)
     expire(leases, at)
     return {1, used}
   elseif kind == 'c' then
-    if redis.call('ZREM', leases, member) == 1 then return {1, used_of(counter)} end
-    -- The lease expired and its cost was given back, but the creation happened: count it again.
-    return {0, add(counter, amount, at)}
+    if redis.call('ZREM', leases, member) == 1 then return {1, 0} end  -- nobody reads a commit's usage
+    -- The lease expired and its cost was given back, but the creation happened: count it again
+    -- (once: a commit sent again finds nothing left to do).
+    if redis.call('ZREM', settled, member) == 1 then return {0, add(counter, amount, at)} end
+    return {0, 0}
   elseif kind == 'f' then
     if redis.call('ZREM', leases, member) == 1 then return {1, give_back(counter, amount, at)} end
-    return {0, used_of(counter)}
+    redis.call('ZREM', settled, member)  -- already given back when its lease expired
+    return {0, 0}
   elseif kind == 'l' then
-    purge(counter, leases, at)
+    purge(counter, leases, settled, at)
+    -- A release carries an id, so that sending it again gives back only once.
+    if member ~= '-' and remember(settled, member, at) == 0 then return {0, used_of(counter)} end
     return {1, give_back(counter, amount, at)}
   elseif kind == 'u' then
-    return {1, purge(counter, leases, at)}
+    return {1, purge(counter, leases, settled, at)}
   elseif kind == 's' then
-    purge(counter, leases, at)
+    purge(counter, leases, settled, at)
     local live = 0
     for _, m in ipairs(redis.call('ZRANGE', leases, 0, -1)) do live = live + lease_cost(m) end
     return {1, set_used(counter, amount + live, at)}
   elseif kind == 'm' then
-    local used = purge(counter, leases, at)
+    local used = purge(counter, leases, settled, at)
     if limit >= 0 and used >= limit then return {0, used} end
     return {1, used}
   elseif kind == 'a' then
     return {1, add(counter, amount, at)}
   elseif kind == 'x' then
-    local used = purge(counter, leases, at)
+    local used = purge(counter, leases, settled, at)
     if used >= amount then return {0, used} end
     return {1, set_used(counter, amount, at)}
   end
@@ -100,15 +122,15 @@ local function apply(counter, leases, kind, member, amount, limit, lease_until, 
 end
 
 local out = {}
-for i = 1, #KEYS / 2 do
+for i = 1, #KEYS / 3 do
   local kind, member, amount, limit, lease_until, at =
     string.match(ARGV[i + 1], '^(%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+)$')
   local ok, result
   if not kind then
     ok, result = false, 'malformed operation ' .. tostring(ARGV[i + 1])
   else
-    ok, result = pcall(apply, KEYS[2 * i - 1], KEYS[2 * i], kind, member, tonumber(amount), tonumber(limit),
-      tonumber(lease_until), tonumber(at))
+    ok, result = pcall(apply, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i], kind, member, tonumber(amount),
+      tonumber(limit), tonumber(lease_until), tonumber(at))
   end
   if ok then
     out[2 * i - 1], out[2 * i] = result[1], result[2]

@@ -1,0 +1,386 @@
+"""Redis faults against a real redis-server that each test starts, kills, pauses and restarts.
+
+The middleware runs in this process (httpx.ASGITransport); only Redis misbehaves. Every test has
+its own redis-server, so killing it never disturbs another test. Process-level waits (a restart,
+a pause) take real time; lease expiry runs on an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource
+from middleware.stores.redis import BATCH_SCRIPT, UNLOCK_SCRIPT
+from tests.conftest import IN_CI, FakeClock
+from tests.servers import RedisServer
+from tests.upstreams import FakeBarbican
+
+pytestmark = pytest.mark.anyio
+
+RULES = [Rule("POST", "/things", "things"), Rule("DELETE", "/things/{id}", "things", action="release")]
+HEADERS = {"X-Project-Id": "p", "X-Auth-Token": "tok"}
+BUCKET = Bucket("p", "things")
+#: The store's timeout in these tests.
+STORE_TIMEOUT = 0.3
+
+
+def _server(persist: bool = False) -> RedisServer:
+    try:
+        return RedisServer(persist=persist)
+    except FileNotFoundError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_proc() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: it may kill, pause and restart it."""
+    server = _server()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)  # a paused server would not stop
+        server.stop()
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[RedisServer]:
+    server = _server(persist=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def admin(redis_proc: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=redis_proc.port, socket_timeout=2)
+    yield client
+    await client.aclose()
+
+
+async def create(request: Request) -> Response:
+    return JSONResponse({"ok": True}, status_code=201)
+
+
+async def delete(request: Request) -> Response:
+    return Response(status_code=204)
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+INNER = Starlette(routes=[Route("/things", create, methods=["POST"]), Route("/things/{id}", delete, methods=["DELETE"]),
+                          Route("/health", health)])
+
+
+class Guarded:
+    """The middleware on a RedisStore of its own (its own connection pool), with a client."""
+
+    def __init__(self, url: str, clock: FakeClock, limit: int = 1_000_000, **options: Any) -> None:
+        self.store = RedisStore(url, timeout=STORE_TIMEOUT, clock=clock)
+        options.setdefault("source", StaticSource({"things": limit}))
+        self.mw = QuotaMiddleware(INNER, rules=RULES, store=self.store, clock=clock, **options)
+        # raise_app_exceptions: an exception escaping the middleware fails the test (no hidden 500).
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.mw), base_url="http://app.test")
+
+    async def post(self, project: str = "p") -> httpx.Response:
+        return await self.client.post("/things", headers={**HEADERS, "X-Project-Id": project})
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.mw.aclose()
+
+
+@pytest.fixture
+async def make(clock: FakeClock) -> AsyncIterator[Any]:
+    made: list[Guarded] = []
+
+    def factory(url: str, **options: Any) -> Guarded:
+        made.append(Guarded(url, clock, **options))
+        return made[-1]
+
+    yield factory
+    for guarded in made:
+        await guarded.aclose()
+
+
+async def wait_for(check: Any, timeout: float, what: str) -> float:
+    """Poll an async check until it is true; returns how long it took."""
+    started = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+# -- Redis killed under load ----------------------------------------------------------------------
+
+class Load:
+    """Concurrent creates in a loop; records (started, finished, status) of each request."""
+
+    def __init__(self, guarded: Guarded, concurrency: int = 16) -> None:
+        self.guarded = guarded
+        self.records: list[tuple[float, float, int]] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._loop(i)) for i in range(concurrency)]
+
+    async def _loop(self, i: int) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            response = await self.guarded.post(f"load-{i % 4}")
+            self.records.append((started, time.monotonic(), response.status_code))
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)  # re-raises anything that escaped the middleware
+
+    def statuses(self, since: float = 0.0, until: float = float("inf")) -> list[int]:
+        """Statuses of the requests that started and finished within [since, until)."""
+        return [status for started, finished, status in self.records if since <= started and finished < until]
+
+
+@pytest.mark.parametrize(("policy", "outage_status"), [("fail_closed", 503), ("fail_open", 201)])
+async def test_redis_killed_under_load_applies_the_policy_and_recovers_on_the_same_port(
+        redis_proc: RedisServer, make: Any, policy: str, outage_status: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    guarded = make(redis_proc.url, on_store_error=policy)
+    load = Load(guarded)
+    try:
+        await asyncio.sleep(0.5)
+        port = redis_proc.port
+        killed = time.monotonic()
+        redis_proc.kill()
+        await asyncio.sleep(1.0)
+        outage_end = time.monotonic()
+        redis_proc.start()  # same object, same port
+        assert redis_proc.port == port
+        restarted = time.monotonic()
+        await asyncio.sleep(2.5)
+    finally:
+        await load.stop()
+
+    before, during = load.statuses(until=killed), load.statuses(killed + 0.05, outage_end)
+    after_recovery = load.statuses(restarted + 2.0)
+    assert before and set(before) == {201}, "the load must be admitted while Redis is up"
+    assert during and set(during) == {outage_status}, f"while Redis is down: {sorted(set(during))}"
+    assert set(load.statuses()) <= {201, 503}  # never a 500, never anything else
+    assert after_recovery and set(after_recovery) == {201}, "still failing 2 s after Redis came back"
+    first_ok = min(finished for started, finished, status in load.records if started >= restarted and status == 201)
+    assert first_ok - restarted < 2.0
+    # The restarted (empty) Redis really counts again: admitted requests reached it.
+    await guarded.store.flush()
+    used = sum([await guarded.store.usage(Bucket(f"load-{i}", "things")) for i in range(4)])
+    assert used > 0
+    assert "quota store failed" in caplog.text or "fail_open" in caplog.text
+
+
+async def test_redis_down_at_start_then_up_needs_no_app_restart(make: Any) -> None:
+    server = _server()  # not started yet: its port refuses connections
+    guarded = make(server.url, limit=2)
+    try:
+        response = await guarded.post()
+        assert response.status_code == 503 and response.json()["code"] == 503
+        assert response.headers["retry-after"] == "5"
+        server.start()
+        assert [(await guarded.post()).status_code for _ in range(3)] == [201, 201, 403]
+    finally:
+        server.stop()
+
+
+# -- Redis paused (SIGSTOP): slow, not dead ---------------------------------------------------------
+
+async def test_paused_redis_bounds_latency_by_the_store_timeout_and_spares_unguarded_routes(
+        redis_proc: RedisServer, make: Any, clock: FakeClock) -> None:
+    assert redis_proc.process is not None
+    guarded = make(redis_proc.url, limit=1000)
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201] * 3
+    await guarded.store.flush()
+    redis_proc.process.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(2):  # on the pooled connection, then on a fresh one to the paused server
+            started = time.monotonic()
+            response = await guarded.post()
+            alone = time.monotonic() - started
+            assert response.status_code == 503 and response.json()["code"] == 503
+            assert alone < STORE_TIMEOUT + 0.3, f"a guarded request took {alone:.2f}s (timeout {STORE_TIMEOUT}s)"
+
+        # A burst of guarded requests while unguarded ones keep flowing.
+        async def guarded_one() -> tuple[int, float]:
+            t0 = time.monotonic()
+            status = (await guarded.post()).status_code
+            return status, time.monotonic() - t0
+
+        async def health_one() -> float:
+            t0 = time.monotonic()
+            assert (await guarded.client.get("/health")).status_code == 200
+            return time.monotonic() - t0
+
+        burst = [asyncio.ensure_future(guarded_one()) for _ in range(30)]
+        await asyncio.sleep(0.01)
+        health = [await health_one() for _ in range(10)]
+        results = await asyncio.gather(*burst)
+        assert {status for status, _ in results} == {503}
+        # One batch may be stuck when a request arrives; it waits for that one and then its own.
+        worst = max(latency for _, latency in results)
+        assert worst < 2 * STORE_TIMEOUT + 0.4, f"a guarded request took {worst:.2f}s during the pause"
+        assert max(health) < 0.1, f"an unguarded request took {max(health):.3f}s during the pause"
+    finally:
+        redis_proc.process.send_signal(signal.SIGCONT)
+
+    took = await wait_for(lambda: _admitted(guarded), 2.0, "a 201 after SIGCONT")
+    assert took < 2.0
+    # Requests refused during the pause cost nothing once their leases are over: the scripts a
+    # paused Redis ran late, for callers long gone, only hold leases.
+    await guarded.store.flush()
+    clock.advance(121)
+    assert await guarded.store.usage(BUCKET) == 4  # the three before the pause and the one after
+
+
+async def _admitted(guarded: Guarded) -> bool:
+    return (await guarded.post()).status_code == 201
+
+
+# -- SCRIPT FLUSH: the scripts come back by themselves ----------------------------------------------
+
+async def test_script_flush_mid_run_reloads_the_scripts(redis_proc: RedisServer, make: Any, admin: aioredis.Redis,
+                                                        clock: FakeClock) -> None:
+    upstream = FakeBarbican({"tok": {"things": 4}})
+    source = BarbicanSource("http://quota.test", client=upstream.client(), resources=["things"])
+    guarded = make(redis_proc.url, source=source, cache_ttl=10, cache_jitter=0)
+    assert [(await guarded.post()).status_code for _ in range(2)] == [201, 201]
+    await guarded.store.flush()
+    shas = [hashlib.sha1(script.encode()).hexdigest() for script in (BATCH_SCRIPT, UNLOCK_SCRIPT)]
+    assert await admin.script_exists(*shas) == [True, True]
+
+    await admin.script_flush()
+    assert await admin.script_exists(*shas) == [False, False]
+    clock.advance(11)  # the quotas are due: the cache takes and gives back the fetch lock (unlock script)
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201, 201, 403]
+    assert upstream.calls == 2
+    await guarded.store.flush()
+    assert await admin.script_exists(*shas) == [True, True]
+    assert await guarded.store.usage(BUCKET) == 4
+    assert await admin.exists("quota:{p}:quotas:barbican:lock") == 0  # the lock was given back
+    assert (await guarded.client.delete("/things/1", headers=HEADERS)).status_code == 204
+    assert await guarded.store.usage(BUCKET) == 3
+
+
+# -- persistence: counters survive a restart when Redis keeps them --------------------------------
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_counters_survive_a_restart_when_redis_persists_them(persistent_redis: RedisServer, make: Any,
+                                                                   how: str) -> None:
+    guarded = make(persistent_redis.url, limit=5)
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201] * 3
+    await guarded.store.flush()
+    getattr(persistent_redis, how)()  # SIGTERM (clean shutdown) or SIGKILL: appendonly keeps both
+    persistent_redis.start()
+    await wait_for(lambda: _answers(guarded), 2.0, "the restarted Redis")
+    assert await guarded.store.usage(BUCKET) == 3
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201, 201, 403]
+
+
+async def _answers(guarded: Guarded) -> bool:
+    try:
+        await guarded.store.usage(Bucket("probe", "things"))
+    except Exception:  # noqa: BLE001 - StoreError until Redis is back
+        return False
+    return True
+
+
+async def test_without_persistence_a_restart_forgets_the_counters(redis_proc: RedisServer, make: Any) -> None:
+    """The control for the test above: the counters really live in Redis, not in the process."""
+    guarded = make(redis_proc.url, limit=5)
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201] * 3
+    await guarded.store.flush()
+    redis_proc.kill()
+    redis_proc.start()
+    await wait_for(lambda: _answers(guarded), 2.0, "the restarted Redis")
+    assert await guarded.store.usage(BUCKET) == 0
+
+
+
+# -- settlements that meet a Redis outage ----------------------------------------------------------
+
+async def test_a_commit_lost_to_an_outage_is_not_given_back_when_its_lease_ends(
+        persistent_redis: RedisServer, clock: FakeClock) -> None:
+    """A creation answered 201 while Redis was briefly down still counts once Redis is back.
+
+    The reservation survives the restart (appendonly), but its commit could not be delivered. When
+    the lease ends, the store must not hand the cost back: the secret exists. Otherwise one Redis
+    blip lets a project go over its limit.
+    """
+    gate = asyncio.Event()
+
+    async def slow_create(request: Request) -> Response:
+        await gate.wait()
+        return JSONResponse({"ok": True}, status_code=201)
+
+    app = Starlette(routes=[Route("/things", slow_create, methods=["POST"])])
+    store = RedisStore(persistent_redis.url, timeout=STORE_TIMEOUT, clock=clock)
+    mw = QuotaMiddleware(app, rules=RULES, store=store, source=StaticSource({"things": 1}), clock=clock,
+                         lease_seconds=60)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://app.test") as client:
+        try:
+            pending = asyncio.ensure_future(client.post("/things", headers=HEADERS))
+            await wait_for(lambda: _usage_is(store, 1), 2.0, "the reservation")
+            persistent_redis.kill()
+            gate.set()
+            assert (await pending).status_code == 201  # the creation happened
+            await store.flush()  # the commit meets the dead Redis
+            persistent_redis.start()
+            await wait_for(lambda: _usage_is(store, 1), 2.0, "the restarted Redis")
+            clock.advance(61)  # the lease of that reservation ends
+            assert await store.usage(BUCKET) == 1, "the committed creation was given back when its lease ended"
+            gate.clear()
+            second = asyncio.ensure_future(client.post("/things", headers=HEADERS))
+            await asyncio.sleep(0.05)
+            gate.set()
+            assert (await second).status_code == 403, "a limit of 1 admitted a second creation"
+        finally:
+            gate.set()
+            await mw.aclose()
+
+
+async def _usage_is(store: RedisStore, expected: int) -> bool:
+    try:
+        return await store.usage(BUCKET) == expected
+    except Exception:  # noqa: BLE001 - StoreError until Redis is back
+        return False
+
+
+async def test_a_release_lost_to_an_outage_gives_the_quota_back_once_redis_is_back(
+        persistent_redis: RedisServer, make: Any) -> None:
+    """A delete answered 204 while Redis was down: once Redis is back, the quota is free again."""
+    guarded = make(persistent_redis.url, limit=1)
+    assert (await guarded.post()).status_code == 201
+    await guarded.store.flush()
+    persistent_redis.kill()
+    assert (await guarded.client.delete("/things/1", headers=HEADERS)).status_code == 204  # the app deleted it
+    persistent_redis.start()
+    await wait_for(lambda: _answers(guarded), 2.0, "the restarted Redis")
+    took = await wait_for(lambda: _usage_is(guarded.store, 0), 3.0, "the release of the deleted thing")
+    assert took < 3.0
+    assert (await guarded.post()).status_code == 201
