@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from .cache import QuotaCache
@@ -61,11 +61,15 @@ class _Check:
     units: int
     now: float
 
-    def headers(self, used: int) -> list[tuple[bytes, bytes]]:
-        return ratelimit_headers(self.bucket.resource, self.limit, used, self.bucket.window, self.now)
+    def headers(self, decision: Decision, used: int | None = None) -> list[tuple[bytes, bytes]]:
+        limit = self.limit if decision.limit == self.limit.value else replace(self.limit, value=decision.limit)
+        used = decision.used if used is None else used
+        return ratelimit_headers(self.bucket.resource, limit, used, self.bucket.window, self.now)
 
-    def rejection(self, used: int) -> Rejection:
-        bucket, limit, window = self.bucket, self.limit, self.bucket.window
+    def rejection(self, decision: Decision) -> Rejection:
+        """Over quota: the limit applied may be an operator's override of the source's."""
+        bucket, window, used = self.bucket, self.bucket.window, decision.used
+        limit = replace(self.limit, value=decision.limit)
         if limit.value == 0:
             description = DISABLED.format(project=bucket.project, resource=bucket.resource)
         else:
@@ -78,7 +82,7 @@ class _Check:
         return Rejection(403 if window is None else 429, description, project=bucket.project,
                          resource=bucket.resource, limit=_in_quota_units(limit.value, limit.scale),
                          used=_in_quota_units(used, limit.scale),
-                         retry_after=None if window is None else window.end - self.now, headers=self.headers(used))
+                         retry_after=None if window is None else window.end - self.now, headers=self.headers(decision))
 
 
 def _in_quota_units(units: int, scale: int) -> float:
@@ -169,14 +173,13 @@ class QuotaMiddleware:
             # Still counted, so that usage stays true for when the source is back.
             check = _Check(Bucket(project, resource), Limit(UNLIMITED), rule.units(scope, 1), self.clock())
 
-        if check.limit.value == 0:
-            await self._reject(send, check.rejection(0))  # disabled: no need to ask the store
-            return
         try:
+            # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
             if rule.action == "meter":
-                decision = await self.store.check(check.bucket, check.limit.value)
+                decision = await self.store.check(check.bucket, check.limit.value, check.limit.scale)
             else:
-                decision = await self.store.reserve(check.bucket, check.units, check.limit.value, self.lease_ms)
+                decision = await self.store.reserve(check.bucket, check.units, check.limit.value, self.lease_ms,
+                                                    check.limit.scale)
         except StoreError as exc:
             if self.on_store_error == "fail_closed":
                 logger.warning("quota store failed for project %r: %s", project, exc)
@@ -187,7 +190,7 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         if not decision.admitted:
-            await self._reject(send, check.rejection(decision.used))
+            await self._reject(send, check.rejection(decision))
         elif rule.action == "meter":
             await self._run_metered(scope, receive, send, check, decision)
         else:
@@ -219,7 +222,7 @@ class QuotaMiddleware:
                 status = message["status"]
                 # A failed creation is refunded, so its headers show the usage without it.
                 used = decision.used if 200 <= status < 300 else decision.used - check.units
-                message = {**message, "headers": [*message.get("headers", ()), *check.headers(used)]}
+                message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision, used)]}
             await send(message)
 
         keep = False
@@ -242,7 +245,7 @@ class QuotaMiddleware:
         async def send_counting(message: Message) -> None:
             nonlocal sent
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision.used)]}
+                message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision)]}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)

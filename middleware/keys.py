@@ -35,3 +35,13 @@ def counter_keys(prefix: str, project: str, resource: str, window: int | None = 
 def quotas_key(prefix: str, project: str, namespace: str) -> str:
     """Where the shared copy of a project's effective quotas from one source lives."""
     return f"{project_tag(prefix, project)}:quotas:{escape(namespace)}"
+
+
+def overrides_key(prefix: str, project: str) -> str:
+    """The project's quota overrides: a hash of escaped resource name -> limit in quota units."""
+    return f"{project_tag(prefix, project)}:overrides"
+
+
+def overridden_projects_key(prefix: str) -> str:
+    """The set of projects that have overrides (for listing them; outside any project's slot)."""
+    return f"{prefix}overridden-projects"

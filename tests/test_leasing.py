@@ -37,9 +37,9 @@ class CountingStore(MemoryStore):
         super().__init__(clock=clock)
         self.reserves = 0
 
-    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int):  # type: ignore[no-untyped-def]
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1):  # type: ignore[no-untyped-def]
         self.reserves += 1
-        return await super().reserve(bucket, cost, limit, lease_ms)
+        return await super().reserve(bucket, cost, limit, lease_ms, scale)
 
 
 B2 = Bucket("p", "secrets")

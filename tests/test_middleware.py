@@ -264,14 +264,29 @@ async def test_per_project_static_quotas() -> None:
     assert big == [201, 201, 201, 403] and small == [201, 403]
 
 
-async def test_disabled_resource_answers_before_touching_the_store() -> None:
-    class NoStore(MemoryStore):
-        async def reserve(self, *args: Any) -> Any:
-            raise AssertionError("limit 0 must not reach the store")
+async def test_disabled_resource_rejects_every_create(store: Store) -> None:
+    async with client_for(guarded(store, limit=0)) as client:
+        responses = [await client.post("/things", headers=HEADERS) for _ in range(2)]
+    assert [r.status_code for r in responses] == [403, 403]
+    assert "disabled" in responses[0].json()["description"]
+    assert responses[0].headers["ratelimit-policy"] == '"things";q=0'
 
-    async with client_for(guarded(NoStore(), limit=0)) as client:
-        response = await client.post("/things", headers=HEADERS)
-    assert response.status_code == 403 and "disabled" in response.json()["description"]
+
+async def test_an_override_takes_precedence_over_the_source_at_once(store: Store) -> None:
+    mw = guarded(store, limit=0)
+    async with client_for(mw) as client:
+        assert (await client.post("/things", headers=HEADERS)).status_code == 403
+        await store.set_overrides("p", {"things": 2})
+        created = await client.post("/things", headers=HEADERS)
+        assert created.status_code == 201 and created.headers["ratelimit-policy"] == '"things";q=2'
+        assert (await client.post("/things", headers=HEADERS)).status_code == 201
+        refused = await client.post("/things", headers=HEADERS)
+        assert refused.status_code == 403 and "allows 2" in refused.json()["description"]
+        await store.set_overrides("p", {"things": -1})
+        assert (await client.post("/things", headers=HEADERS)).status_code == 201  # unlimited
+        await store.set_overrides("p", {"things": None})  # back to the source's 0
+        assert (await client.post("/things", headers=HEADERS)).status_code == 403
+    assert await store.overrides("p") == {} and await store.overridden_projects() == []
 
 
 async def test_problem_json_renderer() -> None:

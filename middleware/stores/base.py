@@ -68,12 +68,16 @@ class Store(ABC):
     shares_cache: bool = False
 
     @abstractmethod
-    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
-        """Admit and reserve ``cost`` if ``used + cost <= limit`` (a negative limit admits all)."""
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
+        """Admit and reserve ``cost`` if ``used + cost <= limit`` (a negative limit admits all).
+
+        An override set for the bucket's project and resource replaces ``limit`` (its value is in
+        quota units: ``scale`` store units each); the decision carries the limit applied.
+        """
 
     @abstractmethod
-    async def check(self, bucket: Bucket, limit: int) -> Decision:
-        """Admit a metered request while usage is below ``limit``; reserves nothing."""
+    async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
+        """Admit a metered request while usage is below ``limit`` (or its override); reserves nothing."""
 
     @abstractmethod
     async def charge(self, bucket: Bucket, amount: int) -> int:
@@ -102,6 +106,18 @@ class Store(ABC):
     @abstractmethod
     async def set_usage(self, bucket: Bucket, value: int) -> None:
         """Overwrite usage (operators, tests); live leases are left alone."""
+
+    @abstractmethod
+    async def overrides(self, project: str) -> dict[str, int]:
+        """The project's quota overrides: resource -> limit in quota units (negative: unlimited)."""
+
+    @abstractmethod
+    async def set_overrides(self, project: str, values: dict[str, int | None], *, replace: bool = False) -> None:
+        """Set overrides; None removes one (the source's limit applies again). ``replace`` drops the rest."""
+
+    @abstractmethod
+    async def overridden_projects(self) -> list[str]:
+        """Every project with at least one override, sorted."""
 
     async def load_shared(self, key: str) -> bytes | None:
         """A value shared by every process (cached quotas, a fetch back-off), if this store keeps one."""

@@ -65,7 +65,7 @@ class LeasingStore(Store):
 
     # -- admission ------------------------------------------------------------------------------
 
-    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         taken = self._take(bucket, cost, limit)
         if taken is not None:
             return taken
@@ -80,10 +80,10 @@ class LeasingStore(Store):
                 return taken
         size = self._block_size(bucket, limit)
         if size >= 2 * cost and granting is None:
-            taken = await self._grant(bucket, size, cost, limit, lease_ms)
+            taken = await self._grant(bucket, size, cost, limit, lease_ms, scale)
             if taken is not None:
                 return taken
-        decision = await self.inner.reserve(bucket, cost, limit, lease_ms)
+        decision = await self.inner.reserve(bucket, cost, limit, lease_ms, scale)
         self._last_used[bucket] = decision.used
         return decision
 
@@ -108,16 +108,19 @@ class LeasingStore(Store):
         estimate = block.used_at_grant - block.available
         return Decision(True, estimate, limit, Reservation(bucket, cost, member, block.reservation.expires_ms))
 
-    async def _grant(self, bucket: Bucket, size: int, cost: int, limit: int, lease_ms: int) -> Decision | None:
+    async def _grant(self, bucket: Bucket, size: int, cost: int, limit: int, lease_ms: int,
+                     scale: int) -> Decision | None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._granting[bucket] = done
         try:
-            decision = await self.inner.reserve(bucket, size, limit, lease_ms + int(self.block_seconds * 1000))
+            decision = await self.inner.reserve(bucket, size, limit, lease_ms + int(self.block_seconds * 1000), scale)
         finally:
             del self._granting[bucket]
             done.set_result(None)
         self._last_used[bucket] = decision.used
-        if not decision.admitted or decision.reservation is None:
+        if not decision.admitted or decision.reservation is None or decision.limit != limit:
+            if decision.reservation is not None:  # an override changed the limit: decide one by one
+                await self.inner.refund(decision.reservation)
             return None
         block = _Block(os.urandom(6).hex(), bucket, limit, decision.reservation, decision.used)
         previous = self._open.get(bucket)
@@ -190,8 +193,8 @@ class LeasingStore(Store):
         held = sum(b.available for b in self._unsettled.values() if b.bucket == bucket)
         return max(0, await self.inner.usage(bucket) - held)
 
-    async def check(self, bucket: Bucket, limit: int) -> Decision:
-        return await self.inner.check(bucket, limit)
+    async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
+        return await self.inner.check(bucket, limit, scale)
 
     async def charge(self, bucket: Bucket, amount: int) -> int:
         return await self.inner.charge(bucket, amount)
@@ -210,6 +213,15 @@ class LeasingStore(Store):
 
     async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
         await self.inner.save_shared(key, blob, ttl_ms)
+
+    async def overrides(self, project: str) -> dict[str, int]:
+        return await self.inner.overrides(project)
+
+    async def set_overrides(self, project: str, values: dict[str, int | None], *, replace: bool = False) -> None:
+        await self.inner.set_overrides(project, values, replace=replace)
+
+    async def overridden_projects(self) -> list[str]:
+        return await self.inner.overridden_projects()
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
         return await self.inner.try_lock(key, token, ttl_ms)

@@ -26,6 +26,7 @@ class MemoryStore(Store):
         self._leases: dict[Bucket, dict[str, tuple[int, int]]] = {}
         # member -> forget-after ms: leases that expired unsettled, so a late commit counts once.
         self._expired: dict[str, int] = {}
+        self._overrides: dict[str, dict[str, int]] = {}
         self._next_sweep = 0
 
     def _now_ms(self) -> int:
@@ -57,7 +58,14 @@ class MemoryStore(Store):
             self._used[bucket] = used
         return used
 
-    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
+    def _effective(self, bucket: Bucket, limit: int, scale: int) -> int:
+        override = self._overrides.get(bucket.project, {}).get(bucket.resource)
+        if override is None:
+            return limit
+        return -1 if override < 0 else override * scale
+
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
+        limit = self._effective(bucket, limit, scale)
         now = self._now_ms()
         used = self._purge(bucket, now)
         if 0 <= limit < used + cost:
@@ -68,7 +76,8 @@ class MemoryStore(Store):
         self._leases.setdefault(bucket, {})[reservation.member] = (reservation.expires_ms, cost)
         return Decision(True, used, limit, reservation)
 
-    async def check(self, bucket: Bucket, limit: int) -> Decision:
+    async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
+        limit = self._effective(bucket, limit, scale)
         used = self._purge(bucket, self._now_ms())
         return Decision(limit < 0 or used < limit, used, limit)
 
@@ -113,3 +122,21 @@ class MemoryStore(Store):
     async def set_usage(self, bucket: Bucket, value: int) -> None:
         self._purge(bucket, self._now_ms())
         self._used[bucket] = value + sum(cost for _, cost in self._leases.get(bucket, {}).values())
+
+    async def overrides(self, project: str) -> dict[str, int]:
+        return dict(self._overrides.get(project, {}))
+
+    async def set_overrides(self, project: str, values: dict[str, int | None], *, replace: bool = False) -> None:
+        current = {} if replace else dict(self._overrides.get(project, {}))
+        for resource, value in values.items():
+            if value is None:
+                current.pop(resource, None)
+            else:
+                current[resource] = value
+        if current:
+            self._overrides[project] = current
+        else:
+            self._overrides.pop(project, None)
+
+    async def overridden_projects(self) -> list[str]:
+        return sorted(self._overrides)

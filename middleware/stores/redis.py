@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -30,7 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ..errors import StoreError
-from ..keys import counter_keys
+from ..keys import counter_keys, escape, overridden_projects_key, overrides_key
 from .base import Bucket, Decision, Reservation, Store, new_member
 
 logger = logging.getLogger("middleware.store")
@@ -53,30 +54,36 @@ class _Op(NamedTuple):
     counter: str
     leases: str
     settled: str
+    overrides: str
     kind: str
     member: str
     amount: int
     limit: int
     lease_until: int
     expires: int
+    scale: int
+    #: The resource's field in the overrides hash ("-" where no override can apply).
+    field: str
     #: None for settlements, which nobody waits for.
-    future: asyncio.Future[tuple[int, int]] | None
+    future: asyncio.Future[tuple[int, int, int]] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
-        future: asyncio.Future[tuple[int, int]] | None = None, retry_since: float | None = None) -> _Op:
-    counter, leases, settled = _keys(prefix, bucket)
-    return _Op(counter, leases, settled, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, future,
-               retry_since)
+        future: asyncio.Future[tuple[int, int, int]] | None = None, retry_since: float | None = None,
+        scale: int = 1) -> _Op:
+    counter, leases, settled, overrides, field = _keys(prefix, bucket)
+    return _Op(counter, leases, settled, overrides, kind, member or "-", amount, limit, lease_until,
+               bucket.expires_ms, scale, field if kind in "rm" else "-", future, retry_since)
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[str, str, str]:
+def _keys(prefix: str, bucket: Bucket) -> tuple[str, str, str, str, str]:
     # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
     window = None if bucket.window is None else int(bucket.window.start)
-    return counter_keys(prefix, bucket.project, bucket.resource, window)
+    counter, leases, settled = counter_keys(prefix, bucket.project, bucket.resource, window)
+    return counter, leases, settled, overrides_key(prefix, bucket.project), escape(bucket.resource)
 
 
 
@@ -109,16 +116,16 @@ class RedisStore(Store):
 
     # -- the contract ---------------------------------------------------------------------------
 
-    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int) -> Decision:
+    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         member = new_member(cost)
         lease_until = int(self._clock() * 1000) + lease_ms
-        flag, used = await self._call(bucket, "r", cost, limit, member, lease_until)
+        flag, used, limit = await self._call(bucket, "r", cost, limit, member, lease_until, scale)
         if flag != 1:
             return Decision(False, used, limit)
         return Decision(True, used, limit, Reservation(bucket, cost, member, lease_until))
 
-    async def check(self, bucket: Bucket, limit: int) -> Decision:
-        flag, used = await self._call(bucket, "m", 0, limit)
+    async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
+        flag, used, limit = await self._call(bucket, "m", 0, limit, scale=scale)
         return Decision(flag == 1, used, limit)
 
     async def charge(self, bucket: Bucket, amount: int) -> int:
@@ -137,7 +144,7 @@ class RedisStore(Store):
 
     async def release(self, bucket: Bucket, cost: int) -> int:
         """Give ``cost`` back; if Redis fails, the release is sent again until it is applied (once)."""
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
         self._enqueue(_op(self.prefix, bucket, "l", cost, 0, os.urandom(9).hex(), future=future,
                           retry_since=time.monotonic()))
         return (await future)[1]
@@ -147,6 +154,30 @@ class RedisStore(Store):
 
     async def set_usage(self, bucket: Bucket, value: int) -> None:
         await self._call(bucket, "s", value)
+
+    async def overrides(self, project: str) -> dict[str, int]:
+        raw = await self._guard(self.client.hgetall(overrides_key(self.prefix, project)))
+        return {unquote(_text(k)): int(v) for k, v in raw.items()}
+
+    async def set_overrides(self, project: str, values: dict[str, int | None], *, replace: bool = False) -> None:
+        key = overrides_key(self.prefix, project)
+        if replace:
+            await self._guard(self.client.delete(key))
+        removed = [escape(r) for r, v in values.items() if v is None]
+        kept = {escape(r): int(v) for r, v in values.items() if v is not None}
+        if removed:
+            await self._guard(self.client.hdel(key, *removed))
+        if kept:
+            await self._guard(self.client.hset(key, mapping=kept))
+        # The index lives outside the project's slot: its own command, after the hash changed.
+        index = overridden_projects_key(self.prefix)
+        if await self._guard(self.client.exists(key)):
+            await self._guard(self.client.sadd(index, project))
+        else:
+            await self._guard(self.client.srem(index, project))
+
+    async def overridden_projects(self) -> list[str]:
+        return sorted(_text(p) for p in await self._guard(self.client.smembers(overridden_projects_key(self.prefix))))
 
     async def load_shared(self, key: str) -> bytes | None:
         return await self._guard(self.client.get(key))  # type: ignore[no-any-return]
@@ -178,9 +209,9 @@ class RedisStore(Store):
     # -- batching -------------------------------------------------------------------------------
 
     async def _call(self, bucket: Bucket, kind: str, amount: int, limit: int = 0, member: str = "",
-                    lease_until: int = 0) -> tuple[int, int]:
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_op(self.prefix, bucket, kind, amount, limit, member, lease_until, future))
+                    lease_until: int = 0, scale: int = 1) -> tuple[int, int, int]:
+        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_op(self.prefix, bucket, kind, amount, limit, member, lease_until, future, scale=scale))
         return await future
 
     def _enqueue(self, op: _Op) -> None:
@@ -211,11 +242,12 @@ class RedisStore(Store):
         keys: list[str] = []
         args: list[Any] = [int(self._clock() * 1000)]
         for op in ops:
-            keys += (op.counter, op.leases, op.settled)
-            args.append(f"{op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires}")
+            keys += (op.counter, op.leases, op.settled, op.overrides)
+            args.append(f"{op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
+                        f"{op.scale} {op.field}")
         try:
             reply = await self._guard(self._script(keys=keys, args=args))
-            if not isinstance(reply, list) or len(reply) != 2 * len(ops):
+            if not isinstance(reply, list) or len(reply) != 3 * len(ops):
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
         except Exception as exc:  # noqa: BLE001 - whatever happened, every caller must hear of it
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
@@ -228,7 +260,7 @@ class RedisStore(Store):
                 self._retry_timer.cancel()
             self._resend()
         for i, op in enumerate(ops):
-            flag, used = reply[2 * i], reply[2 * i + 1]
+            flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
             if flag == -1:
                 # The script ran and refused (a corrupt counter): sending it again would not help.
                 self._fail(op, StoreError(f"store script failed: {_text(used)}"), retry=False)
@@ -239,7 +271,7 @@ class RedisStore(Store):
                 if op.kind == "r" and flag == 1:
                     self._enqueue(op._replace(kind="f", future=None, retry_since=time.monotonic()))
             elif not op.future.done():
-                op.future.set_result((flag, used))
+                op.future.set_result((flag, used, limit))
 
     def _fail(self, op: _Op, error: StoreError, *, retry: bool) -> None:
         if op.future is not None and not op.future.done():

@@ -1,17 +1,20 @@
 -- Applies a batch of quota operations atomically and in order.
 --
--- KEYS: three per operation: the usage counter; the lease set (a sorted set whose score is the
---       lease expiry in epoch ms and whose member is "<random id>:<cost>"); and the settled set,
+-- KEYS: four per operation: the usage counter; the lease set (a sorted set whose score is the
+--       lease expiry in epoch ms and whose member is "<random id>:<cost>"); the settled set,
 --       which remembers for a day the leases that expired unsettled and the releases applied, so
---       that every settlement can be sent again safely (after a timeout, or an outage).
+--       that every settlement can be sent again safely (after a timeout, or an outage); and the
+--       project's quota overrides (a hash: resource -> limit in quota units).
 -- ARGV[1]: now, epoch ms (the caller's clock, so that every store shares one notion of time);
---       then one per operation, six fields separated by spaces (packed: fewer arguments to
+--       then one per operation, eight fields separated by spaces (packed: fewer arguments to
 --       encode and decode on both sides): kind, member, amount, limit, lease expiry ms,
---       key expiry ms (0: the keys never expire; windowed counters expire after their window).
+--       key expiry ms (0: the keys never expire; windowed counters expire after their window),
+--       scale (store units per quota unit) and the override field ('-': overrides are off).
 -- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage,
 --        m metering check, a add (charge), x seed (raise to at least).
--- Returns a flat array, two entries per operation: flag, usage. Flag -1 carries an error message
--- instead of the usage, and an error in one operation does not stop the others (pcall).
+-- Returns a flat array, three entries per operation: flag, usage, the limit applied (an override
+-- replaces the caller's limit). Flag -1 carries an error message instead of the usage, and an
+-- error in one operation does not stop the others (pcall).
 local now = tonumber(ARGV[1])
 local REMEMBER_MS = 86400000
 
@@ -75,6 +78,18 @@ local function purge(counter, leases, settled, at)
   return give_back(counter, back, at)
 end
 
+-- An operator's override takes precedence over the limit the source gave (read in the same
+-- atomic step, so a change applies to every worker's next decision).
+local function effective(overrides, field, scale, limit)
+  if field == '-' then return limit end
+  local raw = redis.call('HGET', overrides, field)
+  if not raw then return limit end
+  local value = tonumber(raw)
+  if not value then error('quota override ' .. field .. ' is not a number') end
+  if value < 0 then return -1 end
+  return value * scale
+end
+
 local function apply(counter, leases, settled, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
     local used = purge(counter, leases, settled, at)
@@ -122,22 +137,25 @@ local function apply(counter, leases, settled, kind, member, amount, limit, leas
 end
 
 local out = {}
-for i = 1, #KEYS / 3 do
-  local kind, member, amount, limit, lease_until, at =
-    string.match(ARGV[i + 1], '^(%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+)$')
-  local ok, result
-  if not kind then
-    ok, result = false, 'malformed operation ' .. tostring(ARGV[i + 1])
-  else
-    ok, result = pcall(apply, KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i], kind, member, tonumber(amount),
-      tonumber(limit), tonumber(lease_until), tonumber(at))
-  end
+local function run(i)
+  local kind, member, amount, limit, lease_until, at, scale, field =
+    string.match(ARGV[i + 1], '^(%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
+  if not kind then error('malformed operation ' .. tostring(ARGV[i + 1])) end
+  limit = tonumber(limit)
+  if kind == 'r' or kind == 'm' then limit = effective(KEYS[4 * i], field, tonumber(scale), limit) end
+  local result = apply(KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], kind, member, tonumber(amount), limit,
+    tonumber(lease_until), tonumber(at))
+  return {result[1], result[2], limit}
+end
+
+for i = 1, #KEYS / 4 do
+  local ok, result = pcall(run, i)
   if ok then
-    out[2 * i - 1], out[2 * i] = result[1], result[2]
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = result[1], result[2], result[3]
   else
     -- redis.call raises a table {err = ...}; a plain Lua error is a string.
     if type(result) == 'table' then result = result.err end
-    out[2 * i - 1], out[2 * i] = -1, tostring(result)
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = -1, tostring(result), 0
   end
 end
 return out
