@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
@@ -36,6 +36,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Policy = Literal["fail_closed", "fail_open"]
 
+
+class QuotaMetricsLike(Protocol):
+    """What the middleware reports to (middleware.metrics.QuotaMetrics implements it)."""
+
+    def decision(self, resource: str, outcome: str, project: str) -> None: ...
+    def admitted(self, resource: str, project: str, used: int, limit: int) -> None: ...
+    def fetch(self, source: str, status: str, seconds: float) -> None: ...
+    def cache(self, result: str) -> None: ...
+    def store(self, operation: str, seconds: float, failed: bool = False) -> None: ...
+
 logger = logging.getLogger("middleware")
 
 OVER_QUOTA = "Quota exceeded for project {project}: {resource} allows {limit}{per}, {used} already in use."
@@ -43,6 +53,8 @@ DISABLED = "Quota exceeded for project {project}: {resource} is disabled (quota 
 SOURCE_FAILED = "Quota service unavailable: the effective quotas could not be read. Try again later."
 STORE_FAILED = "Quota store unavailable: usage could not be checked. Try again later."
 FAILED_OPEN = "admitting %s %s for project %r without a quota check (fail_open): %s"
+SHADOW_REJECTED = "shadow mode: would have refused project %r %s: %s"
+SHADOW_PASSED = "shadow mode: letting %s %s through: %s"
 SETTLE_FAILED = "could not settle usage of project %r: %s"
 
 
@@ -109,6 +121,8 @@ class QuotaMiddleware:
         cache_size: int = 10_000,
         lease_seconds: float = 120.0,
         local_leases: bool = False,
+        shadow: bool = False,
+        metrics: QuotaMetricsLike | None = None,
         on_source_error: Policy = "fail_closed",
         on_store_error: Policy = "fail_closed",
         retry_after: float = 5.0,
@@ -129,13 +143,17 @@ class QuotaMiddleware:
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
-                                maxsize=cache_size, prefix=key_prefix, clock=clock, on_fetch=self._seed)
+                                maxsize=cache_size, prefix=key_prefix, clock=clock, on_fetch=self._seed,
+                                metrics=metrics)
         self.lease_ms = int(lease_seconds * 1000)
         self.on_source_error = _check_policy("on_source_error", on_source_error)
         self.on_store_error = _check_policy("on_store_error", on_store_error)
         self.retry_after = retry_after
         self.renderer = renderer
         self.clock = clock
+        #: Decide and count as in enforcement, but never refuse (per rule: Rule(..., shadow=True)).
+        self.shadow = shadow
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,6 +166,7 @@ class QuotaMiddleware:
         if rule is None:
             await self.app(scope, receive, send)
             return
+        shadow = self.shadow or rule.shadow
         try:
             project = self.identity(scope)
             resource = rule.resource_for(scope)
@@ -156,6 +175,10 @@ class QuotaMiddleware:
                 return
             check = await self._check_for(scope, rule, project, resource)
         except IdentityError as exc:
+            if shadow:  # nothing to count without a project; let it through
+                logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
+                await self.app(scope, receive, send)
+                return
             await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
         except SourceRejected as exc:
@@ -164,37 +187,66 @@ class QuotaMiddleware:
                                                project=project, resource=resource))
             return
         except SourceError as exc:
-            if self.on_source_error == "fail_closed":
+            if self.on_source_error == "fail_closed" and not shadow:
                 logger.warning("quota API failed for project %r: %s", project, exc)
+                self._count(resource, "failed_closed", project)
                 await self._reject(send, Rejection(503, SOURCE_FAILED, project=project, resource=resource,
                                                    retry_after=exc.retry_after or self.retry_after))
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
+            self._count(resource, "failed_open", project)
             # Still counted, so that usage stays true for when the source is back.
             check = _Check(Bucket(project, resource), Limit(UNLIMITED), rule.units(scope, 1), self.clock())
 
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
-            if rule.action == "meter":
-                decision = await self.store.check(check.bucket, check.limit.value, check.limit.scale)
-            else:
-                decision = await self.store.reserve(check.bucket, check.units, check.limit.value, self.lease_ms,
-                                                    check.limit.scale)
+            decision = await self._decide(rule, check, check.limit.value)
+            if not decision.admitted:
+                self._count(resource, "shadow_rejected" if shadow else "rejected", project)
+                if not shadow:
+                    await self._reject(send, check.rejection(decision))
+                    return
+                # Shadow mode: what enforcement would refuse is recorded, admitted, and counted,
+                # so that usage stays true for the day enforcement starts.
+                logger.info(SHADOW_REJECTED, project, resource, check.rejection(decision).description)
+                decision = await self._decide(rule, check, UNLIMITED)
         except StoreError as exc:
-            if self.on_store_error == "fail_closed":
+            if self.on_store_error == "fail_closed" and not shadow:
                 logger.warning("quota store failed for project %r: %s", project, exc)
+                self._count(resource, "failed_closed", project)
                 await self._reject(send, Rejection(503, STORE_FAILED, project=project, resource=resource,
                                                    retry_after=self.retry_after))
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
+            self._count(resource, "failed_open", project)
             await self.app(scope, receive, send)
             return
-        if not decision.admitted:
-            await self._reject(send, check.rejection(decision))
-        elif rule.action == "meter":
+        if self.metrics is not None:
+            self.metrics.admitted(resource, project, decision.used, decision.limit)
+        if rule.action == "meter":
             await self._run_metered(scope, receive, send, check, decision)
         else:
             await self._run_reserved(scope, receive, send, check, decision)
+
+    async def _decide(self, rule: Rule, check: _Check, limit: int) -> Decision:
+        """One atomic decision in the store (timed, when metrics are on)."""
+        started = time.perf_counter() if self.metrics is not None else 0.0
+        try:
+            if rule.action == "meter":
+                decision = await self.store.check(check.bucket, limit, check.limit.scale)
+            else:
+                decision = await self.store.reserve(check.bucket, check.units, limit, self.lease_ms, check.limit.scale)
+        except StoreError:
+            if self.metrics is not None:
+                self.metrics.store(rule.action, time.perf_counter() - started, failed=True)
+            raise
+        if self.metrics is not None:
+            self.metrics.store(rule.action, time.perf_counter() - started)
+        return decision
+
+    def _count(self, resource: str, outcome: str, project: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decision(resource, outcome, project)
 
     async def _check_for(self, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
         quotas = await self.cache.get(project, scope["headers"])
@@ -232,6 +284,8 @@ class QuotaMiddleware:
         finally:
             reservation = decision.reservation
             if reservation is not None:  # admitted decisions always carry one
+                if not keep:
+                    self._count(reservation.bucket.resource, "refunded", reservation.bucket.project)
                 try:
                     await (self.store.commit(reservation) if keep else self.store.refund(reservation))
                 except StoreError as exc:
@@ -271,6 +325,7 @@ class QuotaMiddleware:
 
         await self.app(scope, receive, send_watching)
         if 200 <= status < 300:
+            self._count(bucket.resource, "released", bucket.project)
             try:
                 await self.store.release(bucket, units)
             except StoreError as exc:

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -50,7 +51,7 @@ class QuotaCache:
     def __init__(self, source: QuotaSource, store: Store, *, ttl: float = 60.0, jitter: float = 0.1,
                  stale: float = 300.0, maxsize: int = 10_000, prefix: str = "quota:",
                  lock_wait: float = 10.0, clock: Callable[[], float] = time.time,
-                 on_fetch: Callable[[str, Quotas], Awaitable[None]] | None = None) -> None:
+                 on_fetch: Callable[[str, Quotas], Awaitable[None]] | None = None, metrics: Any = None) -> None:
         self.source = source
         self.store = store
         self.ttl = ttl
@@ -62,6 +63,7 @@ class QuotaCache:
         self._clock = clock
         #: Called once per successful upstream fetch (the middleware seeds upstream usage with it).
         self._on_fetch = on_fetch
+        self._metrics = metrics
         self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
         self._inflight: dict[str, asyncio.Future[Quotas]] = {}
         #: project -> clock time before which the upstream is not asked again (after a failure).
@@ -72,9 +74,13 @@ class QuotaCache:
         """Effective quotas of ``project``; ``headers`` are the request's, read only on a miss."""
         entry = self._local.get(project)
         if entry is not None and self._clock() < entry.fresh_until:
+            if self._metrics is not None:
+                self._metrics.cache("hit")
             return entry.quotas
         if not self.source.cacheable:
             return await self.source.fetch(project, self._forwarded(headers))
+        if self._metrics is not None:
+            self._metrics.cache("miss")
         pending = self._inflight.get(project)
         if pending is None:
             pending = asyncio.ensure_future(self._load(project, headers, entry))
@@ -105,6 +111,8 @@ class QuotaCache:
             shared = await self._read_shared(key)
             if shared is not None and now < shared.fresh_until:
                 self._local[project] = shared
+                if self._metrics is not None:
+                    self._metrics.cache("shared_hit")
                 return shared.quotas
             if shared is not None and (stale is None or shared.fetched_at > stale.fetched_at):
                 stale = shared
@@ -125,16 +133,19 @@ class QuotaCache:
             await asyncio.sleep(LOCK_POLL)
 
     async def _fetch(self, project: str, headers: Headers, key: str, stale: _Entry | None, now: float) -> Quotas:
+        started = time.perf_counter()
         try:
             quotas = await self.source.fetch(project, self._forwarded(headers))
-        except SourceRejected:
-            raise  # a refused credential is the caller's answer, never served from cache
         except SourceError as exc:
+            self._observe(started, type(exc).__name__.removeprefix("Source").lower())
+            if isinstance(exc, SourceRejected):
+                raise  # a refused credential is the caller's answer, never served from cache
             await self._back_off(project, key, now + max(exc.retry_after or 0.0, MIN_BACKOFF))
             if stale is not None and now < stale.stale_until:
                 logger.warning(SERVING_STALE, exc, project, now - stale.fetched_at)
                 return stale.quotas
             raise
+        self._observe(started, "ok")
         entry = self._entry(quotas, now)
         self._local[project] = entry
         if self._on_fetch is not None:
@@ -146,6 +157,10 @@ class QuotaCache:
             except StoreError as exc:
                 logger.warning("could not share cached quotas of project %r: %s", project, exc)
         return quotas
+
+    def _observe(self, started: float, status: str) -> None:
+        if self._metrics is not None:
+            self._metrics.fetch(self.source.namespace, status, time.perf_counter() - started)
 
     def _while_backing_off(self, until: float | None, stale: _Entry | None) -> Quotas | None:
         """While the upstream asked us to wait (or just failed), do not ask it again: answer with

@@ -59,6 +59,8 @@ class Rule:
     cost: Number | CostFn = 1
     action: Action = "consume"
     window: str | float | Period | None = None
+    #: Decide and count, but never refuse: for rolling a new quota out.
+    shadow: bool = False
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _period: Period | None = field(default=None, init=False, repr=False, compare=False)
 
