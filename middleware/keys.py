@@ -26,10 +26,18 @@ def project_tag(prefix: str, project: str) -> str:
 
 def counter_keys(prefix: str, project: str, resource: str, window: int | None = None) -> tuple[str, str, str]:
     """(usage counter, lease set, settled set) of one project, resource and (optional) window start."""
-    base = f"{project_tag(prefix, project)}:{escape(resource)}"
-    if window is not None:
-        base = f"{base}:w{window}"
+    base = bucket_base(prefix, project, resource, window)
     return f"{base}:used", f"{base}:leases", f"{base}:settled"
+
+
+def bucket_base(prefix: str, project: str, resource: str, window: int | None = None) -> str:
+    base = f"{project_tag(prefix, project)}:{escape(resource)}"
+    return base if window is None else f"{base}:w{window}"
+
+
+def commits_key(prefix: str, project: str, resource: str, window: int | None = None) -> str:
+    """The bucket's running total of committed units (read by reconciliations)."""
+    return f"{bucket_base(prefix, project, resource, window)}:commits"
 
 
 def quotas_key(prefix: str, project: str, namespace: str) -> str:

@@ -104,8 +104,16 @@ class Store(ABC):
         """Current usage, after expired leases were given back."""
 
     @abstractmethod
-    async def set_usage(self, bucket: Bucket, value: int) -> None:
-        """Overwrite usage (operators, tests); live leases are left alone."""
+    async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
+        """Overwrite usage with ``value`` committed units; live leases are kept on top.
+
+        ``commits_since``: a :meth:`commits` total read before ``value`` was counted; commits that
+        landed since are added, so a creation that lands while the truth is being read is not lost.
+        """
+
+    @abstractmethod
+    async def commits(self, bucket: Bucket) -> int:
+        """A running total of units committed in the bucket (only differences between reads mean anything)."""
 
     @abstractmethod
     async def overrides(self, project: str) -> dict[str, int]:

@@ -205,8 +205,11 @@ class LeasingStore(Store):
     async def release(self, bucket: Bucket, cost: int) -> int:
         return await self.inner.release(bucket, cost)
 
-    async def set_usage(self, bucket: Bucket, value: int) -> None:
-        await self.inner.set_usage(bucket, value)
+    async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
+        await self.inner.set_usage(bucket, value, commits_since=commits_since)
+
+    async def commits(self, bucket: Bucket) -> int:
+        return await self.inner.commits(bucket)
 
     async def load_shared(self, key: str) -> bytes | None:
         return await self.inner.load_shared(key)

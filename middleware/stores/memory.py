@@ -27,6 +27,7 @@ class MemoryStore(Store):
         # member -> forget-after ms: leases that expired unsettled, so a late commit counts once.
         self._expired: dict[str, int] = {}
         self._overrides: dict[str, dict[str, int]] = {}
+        self._commits: dict[Bucket, int] = {}
         self._next_sweep = 0
 
     def _now_ms(self) -> int:
@@ -93,14 +94,17 @@ class MemoryStore(Store):
         return current
 
     async def commit(self, reservation: Reservation) -> None:
-        leases = self._leases.get(reservation.bucket)
+        bucket = reservation.bucket
+        leases = self._leases.get(bucket)
         if leases is not None and leases.pop(reservation.member, None) is not None:
             if not leases:
-                del self._leases[reservation.bucket]
+                del self._leases[bucket]
+            self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
             return
         # The lease expired and was given back: the creation happened, so count it again (once).
         if self._expired.pop(reservation.member, None) is not None:
-            self._used[reservation.bucket] = self._used.get(reservation.bucket, 0) + reservation.cost
+            self._used[bucket] = self._used.get(bucket, 0) + reservation.cost
+            self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
 
     async def refund(self, reservation: Reservation) -> None:
         leases = self._leases.get(reservation.bucket)
@@ -119,9 +123,13 @@ class MemoryStore(Store):
     async def usage(self, bucket: Bucket) -> int:
         return self._purge(bucket, self._now_ms())
 
-    async def set_usage(self, bucket: Bucket, value: int) -> None:
+    async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
         self._purge(bucket, self._now_ms())
-        self._used[bucket] = value + sum(cost for _, cost in self._leases.get(bucket, {}).values())
+        since = 0 if commits_since is None else self._commits.get(bucket, 0) - commits_since
+        self._used[bucket] = value + since + sum(cost for _, cost in self._leases.get(bucket, {}).values())
+
+    async def commits(self, bucket: Bucket) -> int:
+        return self._commits.get(bucket, 0)
 
     async def overrides(self, project: str) -> dict[str, int]:
         return dict(self._overrides.get(project, {}))

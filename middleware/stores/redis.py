@@ -31,7 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ..errors import StoreError
-from ..keys import counter_keys, escape, overridden_projects_key, overrides_key
+from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key
 from .base import Bucket, Decision, Reservation, Store, new_member
 
 logger = logging.getLogger("middleware.store")
@@ -73,17 +73,19 @@ class _Op(NamedTuple):
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
         future: asyncio.Future[tuple[int, int, int]] | None = None, retry_since: float | None = None,
         scale: int = 1) -> _Op:
-    counter, leases, settled, overrides, field = _keys(prefix, bucket)
-    return _Op(counter, leases, settled, overrides, kind, member or "-", amount, limit, lease_until,
-               bucket.expires_ms, scale, field if kind in "rm" else "-", future, retry_since)
+    counter, leases, settled, overrides, commits, field = _keys(prefix, bucket)
+    decides = kind in "rm"
+    return _Op(counter, leases, settled, overrides if decides else commits, kind, member or "-", amount, limit,
+               lease_until, bucket.expires_ms, scale, field if decides else "-", future, retry_since)
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[str, str, str, str, str]:
+def _keys(prefix: str, bucket: Bucket) -> tuple[str, str, str, str, str, str]:
     # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
     window = None if bucket.window is None else int(bucket.window.start)
     counter, leases, settled = counter_keys(prefix, bucket.project, bucket.resource, window)
-    return counter, leases, settled, overrides_key(prefix, bucket.project), escape(bucket.resource)
+    return (counter, leases, settled, overrides_key(prefix, bucket.project),
+            commits_key(prefix, bucket.project, bucket.resource, window), escape(bucket.resource))
 
 
 
@@ -152,8 +154,11 @@ class RedisStore(Store):
     async def usage(self, bucket: Bucket) -> int:
         return (await self._call(bucket, "u", 0))[1]
 
-    async def set_usage(self, bucket: Bucket, value: int) -> None:
-        await self._call(bucket, "s", value)
+    async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
+        await self._call(bucket, "s", value, member="-" if commits_since is None else str(commits_since))
+
+    async def commits(self, bucket: Bucket) -> int:
+        return (await self._call(bucket, "k", 0))[1]
 
     async def overrides(self, project: str) -> dict[str, int]:
         raw = await self._guard(self.client.hgetall(overrides_key(self.prefix, project)))
