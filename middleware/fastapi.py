@@ -1,0 +1,82 @@
+"""FastAPI: guard a route in its signature, with the same engine as the middleware.
+
+    app = FastAPI()
+    quota = QuotaMiddleware(app, rules=[], source=..., store=...)   # serve `quota` (uvicorn main:quota)
+    app.add_exception_handler(QuotaRefused, quota_refused_handler)
+
+    @app.post("/v1/secrets", status_code=201)
+    async def create(decision: Decision = Depends(guard(quota, "secrets"))): ...
+
+The dependency decides before the endpoint runs (identity, cached quotas, one atomic reservation
+in the store) and settles after it: it keeps the reservation when the endpoint returns and gives
+it back when the endpoint raises (an HTTPException included). Unlike the middleware it cannot see
+the status of a response the endpoint builds itself, so return errors by raising them.
+Rules, windows and costs work as in the middleware; both forms may guard routes of one app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .asgi import QuotaMiddleware, Rule
+from .errors import IdentityError, SourceError, SourceRejected, StoreError
+from .rendering import Rejection
+from .stores.base import Decision
+
+__all__ = ["QuotaRefused", "guard", "quota_refused_handler"]
+
+
+class QuotaRefused(Exception):
+    """Raised by a guard dependency; ``quota_refused_handler`` renders it like the middleware does."""
+
+    def __init__(self, quota: QuotaMiddleware, rejection: Rejection) -> None:
+        super().__init__(rejection.description)
+        self.quota = quota
+        self.rejection = rejection
+
+
+async def quota_refused_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, QuotaRefused)
+    rendered = exc.quota.renderer(exc.rejection)
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in rendered.headers if k != b"content-length"}
+    return Response(rendered.body, status_code=rendered.status, headers=headers)
+
+
+def guard(quota: QuotaMiddleware, resource: str, *, cost: Any = 1,
+          window: str | float | None = None) -> Callable[[Request], AsyncIterator[Decision]]:
+    """A dependency that consumes ``cost`` of ``resource`` for the request's project."""
+    rule = Rule("POST", "/", resource, cost=cost, window=window)  # method and path are not matched here
+
+    async def dependency(request: Request) -> AsyncIterator[Decision]:
+        scope = request.scope
+        try:
+            project = quota.identity(scope)
+            check = await quota._check_for(scope, rule, project, resource)
+            decision = await quota._decide(rule, check, check.limit.value)
+        except IdentityError as exc:
+            raise QuotaRefused(quota, Rejection(exc.status_code, str(exc))) from None
+        except SourceRejected as exc:
+            status = exc.status_code if exc.status_code in (401, 403) else 403
+            raise QuotaRefused(quota, Rejection(status, f"Quota service refused the request: {exc}")) from None
+        except (SourceError, StoreError):
+            raise QuotaRefused(quota, Rejection(503, "Quota service unavailable. Try again later.",
+                                                retry_after=quota.retry_after)) from None
+        if not decision.admitted:
+            quota._count(resource, "rejected", project)
+            raise QuotaRefused(quota, check.rejection(decision))
+        reservation = decision.reservation
+        try:
+            yield decision
+        except BaseException:
+            if reservation is not None:
+                quota._count(resource, "refunded", project)
+                await quota.store.refund(reservation)
+            raise
+        if reservation is not None:
+            await quota.store.commit(reservation)
+
+    return dependency
