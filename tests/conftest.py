@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -37,11 +38,10 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A real redis-server for the whole session. Mandatory in CI; skipped elsewhere if absent."""
+def _real(kind: type[RedisServer] | type[RedisCluster]) -> Iterator[Any]:
+    """Start a real Redis for the session: mandatory in CI, skipped elsewhere if not installed."""
     try:
-        server = RedisServer()
+        server = kind()
     except FileNotFoundError as exc:
         if IN_CI:
             raise
@@ -52,17 +52,15 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole session."""
+    yield from _real(RedisServer)
+
+
+@pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    """A real three-master Redis Cluster for the whole session. Mandatory in CI; skipped elsewhere if absent."""
-    try:
-        cluster = RedisCluster()
-    except FileNotFoundError as exc:
-        if IN_CI:
-            raise
-        pytest.skip(str(exc))
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    """A real three-master Redis Cluster for the whole session."""
+    yield from _real(RedisCluster)
 
 
 @pytest.fixture

@@ -82,21 +82,8 @@ class RedisServer:
 def uvicorn_server(app: str, *, env: Mapping[str, str], workers: int = 1,
                    extra: Sequence[str] = ()) -> Iterator[str]:
     """``uvicorn app`` in a subprocess; yields its base URL once it answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), "--log-level", "warning", "--no-access-log", *extra]
-    process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(base + "/", timeout=1).status_code < 500, what=f"uvicorn {app}")
+    with uvicorn_process(app, env=env, workers=workers, extra=extra) as (base, _):
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @contextmanager
