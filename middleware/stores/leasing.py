@@ -22,6 +22,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from cachetools import LRUCache
+
 from ..errors import StoreError
 from .base import Bucket, Decision, Reservation, Store
 
@@ -49,7 +51,8 @@ class _Block:
 
 
 class LeasingStore(Store):
-    def __init__(self, inner: Store, *, divisor: int = 64, max_block: int = 1000, block_seconds: float = 1.0) -> None:
+    def __init__(self, inner: Store, *, divisor: int = 64, max_block: int = 1000, block_seconds: float = 1.0,
+                 max_buckets: int = 16_384) -> None:
         self.inner = inner
         self.shares_cache = inner.shares_cache
         #: A block is at most 1/divisor of what remains in the store.
@@ -59,7 +62,10 @@ class LeasingStore(Store):
         self._open: dict[Bucket, _Block] = {}
         self._unsettled: dict[str, _Block] = {}
         self._granting: dict[Bucket, asyncio.Future[None]] = {}
-        self._last_used: dict[Bucket, int] = {}
+        #: Store usage last seen per bucket, to size its next block. Bounded: one entry per bucket
+        #: ever seen would grow with every project; a bucket that fell out is decided in the store
+        #: once more before it is leased again.
+        self._last_used: LRUCache[Bucket, int] = LRUCache(maxsize=max_buckets)
         self._tasks: set[asyncio.Task[None]] = set()
         self._settling: dict[Bucket, asyncio.Task[None]] = {}
 
