@@ -20,14 +20,14 @@ from typing import Any, Literal, Protocol
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn
-from .quotas import UNLIMITED, Limit, Quotas
+from .quotas import UNLIMITED, Limit
 from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
 from .rules import Rule, RuleTable
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Store
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
-from .windows import Period, Window, calendar_month
+from .windows import current_window
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -143,8 +143,7 @@ class QuotaMiddleware:
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
-                                maxsize=cache_size, prefix=key_prefix, clock=clock, on_fetch=self._seed,
-                                metrics=metrics)
+                                maxsize=cache_size, prefix=key_prefix, clock=clock, metrics=metrics)
         self.lease_ms = int(lease_seconds * 1000)
         self.on_source_error = _check_policy("on_source_error", on_source_error)
         self.on_store_error = _check_policy("on_store_error", on_store_error)
@@ -252,7 +251,7 @@ class QuotaMiddleware:
         quotas = await self.cache.get(project, scope["headers"])
         limit = quotas.limit(resource, self.default_limit)
         now = self.clock()
-        window = _window(limit.window or rule.period, now)
+        window = current_window(limit.window or rule.period, now)
         return _Check(Bucket(project, resource, window), limit, rule.units(scope, limit.scale), now)
 
     async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, check: _Check,
@@ -332,17 +331,6 @@ class QuotaMiddleware:
                 # The Redis store keeps sending it until it is applied (once).
                 logger.warning(SETTLE_FAILED, bucket.project, exc)
 
-    async def _seed(self, project: str, quotas: Quotas) -> None:
-        """After a fetch: usage the upstream reports raises the local counter (never lowers it)."""
-        now = self.clock()
-        for resource, limit in quotas.limits.items():
-            # Usage of a billing period that is already over says nothing about the current one.
-            if limit.used is not None and not (isinstance(limit.window, Window) and not limit.window.contains(now)):
-                try:
-                    await self.store.seed(Bucket(project, resource, _window(limit.window, now)), limit.used)
-                except StoreError as exc:
-                    logger.warning(SETTLE_FAILED, project, exc)
-
     async def _reject(self, send: Send, rejection: Rejection) -> None:
         rendered = self.renderer(rejection)
         await send({"type": "http.response.start", "status": rendered.status, "headers": rendered.headers})
@@ -361,13 +349,3 @@ class QuotaMiddleware:
         await self.store.aclose()
         await self.source.aclose()
 
-
-def _window(window: Window | Period | None, now: float) -> Window | None:
-    """The window a request at ``now`` counts in."""
-    if window is None:
-        return None
-    if isinstance(window, Period):
-        return window.window_at(now)
-    # A reported billing period that is over (the cache has not seen the next one yet): count in
-    # the calendar month until the source says otherwise.
-    return window if now < window.end else calendar_month(now)

@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,8 @@ from .errors import SourceError, SourceInvalid, SourceRejected, SourceUnavailabl
 from .keys import quotas_key
 from .quotas import Quotas
 from .sources.base import QuotaSource
-from .stores.base import Store
+from .stores.base import Bucket, Store
+from .windows import Window, current_window
 
 logger = logging.getLogger("middleware.cache")
 
@@ -50,8 +51,7 @@ class _Entry:
 class QuotaCache:
     def __init__(self, source: QuotaSource, store: Store, *, ttl: float = 60.0, jitter: float = 0.1,
                  stale: float = 300.0, maxsize: int = 10_000, prefix: str = "quota:",
-                 lock_wait: float = 10.0, clock: Callable[[], float] = time.time,
-                 on_fetch: Callable[[str, Quotas], Awaitable[None]] | None = None, metrics: Any = None) -> None:
+                 lock_wait: float = 10.0, clock: Callable[[], float] = time.time, metrics: Any = None) -> None:
         self.source = source
         self.store = store
         self.ttl = ttl
@@ -61,8 +61,6 @@ class QuotaCache:
         #: How long a fetch lock is held at most, and how long others wait for its result.
         self.lock_wait = lock_wait
         self._clock = clock
-        #: Called once per successful upstream fetch (the middleware seeds upstream usage with it).
-        self._on_fetch = on_fetch
         self._metrics = metrics
         self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
         self._inflight: dict[str, asyncio.Future[Quotas]] = {}
@@ -148,8 +146,7 @@ class QuotaCache:
         self._observe(started, "ok")
         entry = self._entry(quotas, now)
         self._local[project] = entry
-        if self._on_fetch is not None:
-            await self._on_fetch(project, quotas)
+        await self._seed(project, quotas, now)
         if self.store.shares_cache:
             blob = json.dumps({"fetched_at": now, "quotas": quotas.to_dict()}).encode()
             try:
@@ -157,6 +154,18 @@ class QuotaCache:
             except StoreError as exc:
                 logger.warning("could not share cached quotas of project %r: %s", project, exc)
         return quotas
+
+    async def _seed(self, project: str, quotas: Quotas, now: float) -> None:
+        """Usage the upstream reports (Captain Data's credits_used) raises the local counter, once
+        per fetch, in whichever process fetched; it never lowers it."""
+        for resource, limit in quotas.limits.items():
+            # Usage of a billing period that is already over says nothing about the current one.
+            if limit.used is None or (isinstance(limit.window, Window) and not limit.window.contains(now)):
+                continue
+            try:
+                await self.store.seed(Bucket(project, resource, current_window(limit.window, now)), limit.used)
+            except StoreError as exc:
+                logger.warning("could not seed the usage of project %r: %s", project, exc)
 
     def _observe(self, started: float, status: str) -> None:
         if self._metrics is not None:

@@ -59,3 +59,14 @@ class Period:
             return calendar_month(now)
         start = now - now % self.seconds
         return Window(start, start + self.seconds)
+
+
+def current_window(window: Window | Period | None, now: float) -> Window | None:
+    """The window a request at ``now`` counts in (None: a count quota, no window)."""
+    if window is None:
+        return None
+    if isinstance(window, Period):
+        return window.window_at(now)
+    # A reported billing period that is over (the cache has not seen the next one yet): count in
+    # the calendar month until the source says otherwise.
+    return window if now < window.end else calendar_month(now)

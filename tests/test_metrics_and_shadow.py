@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 

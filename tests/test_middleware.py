@@ -20,7 +20,6 @@ from middleware import (
     BarbicanSource,
     Bucket,
     ConfigurationError,
-    MemoryStore,
     QuotaMiddleware,
     RedisStore,
     Rule,

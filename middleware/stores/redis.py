@@ -45,6 +45,7 @@ MAX_RETRY_QUEUE = 100_000
 MAX_CALLS_IN_FLIGHT = 32
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
+OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 
@@ -107,6 +108,7 @@ class RedisStore(Store):
         # register_script does no I/O; each call tries EVALSHA and reloads the script on NOSCRIPT.
         self._script = redis.register_script(BATCH_SCRIPT)
         self._unlock_script = redis.register_script(UNLOCK_SCRIPT)
+        self._overrides_script = redis.register_script(OVERRIDES_SCRIPT)
         self._cluster = isinstance(redis, RedisCluster)
         self._queue: list[_Op] = []
         self._worker: asyncio.Task[None] | None = None
@@ -165,21 +167,13 @@ class RedisStore(Store):
         return {unquote(_text(k)): int(v) for k, v in raw.items()}
 
     async def set_overrides(self, project: str, values: dict[str, int | None], *, replace: bool = False) -> None:
-        key = overrides_key(self.prefix, project)
-        if replace:
-            await self._guard(self.client.delete(key))
-        removed = [escape(r) for r, v in values.items() if v is None]
-        kept = {escape(r): int(v) for r, v in values.items() if v is not None}
-        if removed:
-            await self._guard(self.client.hdel(key, *removed))
-        if kept:
-            await self._guard(self.client.hset(key, mapping=kept))
+        args: list[Any] = ["1" if replace else "0"]
+        for resource, value in values.items():
+            args += (escape(resource), "" if value is None else int(value))
+        left = await self._guard(self._overrides_script(keys=[overrides_key(self.prefix, project)], args=args))
         # The index lives outside the project's slot: its own command, after the hash changed.
         index = overridden_projects_key(self.prefix)
-        if await self._guard(self.client.exists(key)):
-            await self._guard(self.client.sadd(index, project))
-        else:
-            await self._guard(self.client.srem(index, project))
+        await self._guard(self.client.sadd(index, project) if left else self.client.srem(index, project))
 
     async def overridden_projects(self) -> list[str]:
         return sorted(_text(p) for p in await self._guard(self.client.smembers(overridden_projects_key(self.prefix))))
