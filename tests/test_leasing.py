@@ -133,3 +133,26 @@ async def test_refunds_go_back_to_the_block(clock: FakeClock) -> None:
     assert inner.reserves == 1
     await leased.flush()
     assert await inner.usage(B2) == 0
+
+
+async def test_a_limit_lowered_at_the_source_takes_effect_within_one_ttl(real_redis: aioredis.Redis,
+                                                                         clock: FakeClock) -> None:
+    from tests.test_middleware import RULES, client_for, inner_app
+    from tests.upstreams import FakeBarbican
+
+    from middleware import BarbicanSource, QuotaMiddleware
+
+    upstream = FakeBarbican({"tok": {"things": 100_000}})
+    mw = QuotaMiddleware(inner_app(), rules=RULES, store=RedisStore(real_redis, clock=clock), local_leases=True,
+                         source=BarbicanSource("http://q.test", client=upstream.client(), resources=["things"]),
+                         cache_ttl=10, cache_jitter=0, clock=clock)
+    headers = {"X-Project-Id": "p", "X-Auth-Token": "tok"}
+    async with client_for(mw) as client:
+        assert [(await client.post("/things", headers=headers)).status_code for _ in range(20)] == [201] * 20
+        assert isinstance(mw.store, LeasingStore) and mw.store._open  # admitting from a local block
+        upstream.quotas_by_token["tok"] = {"things": 25}
+        clock.advance(10)  # one TTL later the source's new limit is read ...
+        statuses = [(await client.post("/things", headers=headers)).status_code for _ in range(10)]
+    assert statuses == [201] * 5 + [403] * 5  # ... and the open block admits nothing past it
+    await mw.store.flush()
+    assert await mw.store.usage(Bucket("p", "things")) == 25
