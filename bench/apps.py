@@ -4,7 +4,8 @@
   ``GET /health`` -> 200.
 - ``guarded_app``: the same app wrapped in QuotaMiddleware, one rule on ``POST /v1/secrets``,
   a limit of -1 (unlimited: every request still reserves and commits in Redis, the limit is
-  never reached) and ``RedisStore(REDIS_URL)``. Built on first access, so serving ``bare_app``
+  never reached) and ``RedisStore(REDIS_URL)``; with ``QUOTA_LOCAL_LEASES=1``, local leases on
+  (``QuotaMiddleware(local_leases=True)``). Built on first access, so serving ``bare_app``
   needs no REDIS_URL.
 
 Serve with ``uvicorn --app-dir bench apps:bare_app`` (or ``apps:guarded_app``).
