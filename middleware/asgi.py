@@ -273,7 +273,9 @@ class QuotaMiddleware:
                 status = message["status"]
                 # A failed creation is refunded, so its headers show the usage without it.
                 used = decision.used if 200 <= status < 300 else decision.used - check.units
-                message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision, used)]}
+                headers = check.headers(decision, used)
+                if headers:  # an unlimited resource adds none: forward the message as it is
+                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
             await send(message)
 
         keep = False
@@ -298,7 +300,9 @@ class QuotaMiddleware:
         async def send_counting(message: Message) -> None:
             nonlocal sent
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision)]}
+                headers = check.headers(decision)
+                if headers:
+                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)

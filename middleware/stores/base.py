@@ -10,6 +10,7 @@ Every store implements this whole contract, and one contract test suite runs ove
 
 from __future__ import annotations
 
+import itertools
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -57,8 +58,19 @@ class Decision:
         return max(0, self.limit - self.used)
 
 
+# Members must be unique across every process sharing a store: a random prefix per process, then
+# a counter (a system call for randomness on every request costs more than the rest of the id).
+_PROCESS = os.urandom(6).hex()
+_SEQUENCE = itertools.count()
+
+
+def new_id() -> str:
+    """An id no other reservation, release or block of any process shares."""
+    return f"{_PROCESS}{next(_SEQUENCE):x}"
+
+
 def new_member(cost: int) -> str:
-    return f"{os.urandom(9).hex()}:{cost}"
+    return f"{_PROCESS}{next(_SEQUENCE):x}:{cost}"
 
 
 class Store(ABC):

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
 
 from ..errors import StoreError
-from .base import Bucket, Decision, Reservation, Store
+from .base import Bucket, Decision, Reservation, Store, new_id
 
 logger = logging.getLogger("middleware.store")
 
@@ -42,6 +41,7 @@ class _Block:
     used_at_grant: int
     committed: int = 0
     inflight: int = 0
+    taken: int = 0
     open: bool = True
     requests: dict[str, int] = field(default_factory=dict)
 
@@ -108,7 +108,8 @@ class LeasingStore(Store):
         if block.limit != limit or block.available < cost:
             self._close(block)  # a changed limit, or not enough left: no more admissions from it
             return None
-        member = f"{_LOCAL}{block.id}:{os.urandom(6).hex()}"
+        block.taken += 1
+        member = f"{_LOCAL}{block.id}:{block.taken}"
         block.inflight += cost
         block.requests[member] = cost
         estimate = block.used_at_grant - block.available
@@ -128,7 +129,7 @@ class LeasingStore(Store):
             if decision.reservation is not None:  # an override changed the limit: decide one by one
                 await self.inner.refund(decision.reservation)
             return None
-        block = _Block(os.urandom(6).hex(), bucket, limit, decision.reservation, decision.used)
+        block = _Block(new_id(), bucket, limit, decision.reservation, decision.used)
         previous = self._open.get(bucket)
         if previous is not None:
             self._close(previous)

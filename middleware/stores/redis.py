@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -32,7 +31,7 @@ from redis.crc import key_slot
 
 from ..errors import StoreError
 from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key
-from .base import Bucket, Decision, Reservation, Store, new_member
+from .base import Bucket, Decision, Reservation, Store, new_id, new_member
 
 logger = logging.getLogger("middleware.store")
 
@@ -52,10 +51,8 @@ MAX_BATCH = 256
 
 
 class _Op(NamedTuple):
-    counter: str
-    leases: str
-    settled: str
-    overrides: str
+    #: counter, leases, settled, overrides, commits: every key of the bucket, in the script's order.
+    keys: tuple[str, str, str, str, str]
     kind: str
     member: str
     amount: int
@@ -74,19 +71,19 @@ class _Op(NamedTuple):
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
         future: asyncio.Future[tuple[int, int, int]] | None = None, retry_since: float | None = None,
         scale: int = 1) -> _Op:
-    counter, leases, settled, overrides, commits, field = _keys(prefix, bucket)
-    decides = kind in "rm"
-    return _Op(counter, leases, settled, overrides if decides else commits, kind, member or "-", amount, limit,
-               lease_until, bucket.expires_ms, scale, field if decides else "-", future, retry_since)
+    keys, field = _keys(prefix, bucket)
+    return _Op(keys, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, scale,
+               field if kind in "rm" else "-", future, retry_since)
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[str, str, str, str, str, str]:
+def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str]:
     # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
     window = None if bucket.window is None else int(bucket.window.start)
     counter, leases, settled = counter_keys(prefix, bucket.project, bucket.resource, window)
-    return (counter, leases, settled, overrides_key(prefix, bucket.project),
-            commits_key(prefix, bucket.project, bucket.resource, window), escape(bucket.resource))
+    keys = (counter, leases, settled, overrides_key(prefix, bucket.project),
+            commits_key(prefix, bucket.project, bucket.resource, window))
+    return keys, escape(bucket.resource)
 
 
 
@@ -149,7 +146,7 @@ class RedisStore(Store):
     async def release(self, bucket: Bucket, cost: int) -> int:
         """Give ``cost`` back; if Redis fails, the release is sent again until it is applied (once)."""
         future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_op(self.prefix, bucket, "l", cost, 0, os.urandom(9).hex(), future=future,
+        self._enqueue(_op(self.prefix, bucket, "l", cost, 0, new_id(), future=future,
                           retry_since=time.monotonic()))
         return (await future)[1]
 
@@ -234,15 +231,19 @@ class RedisStore(Store):
         # On a cluster one script call may only touch one hash slot; keys of a project share one.
         groups: dict[int, list[_Op]] = {}
         for op in batch:
-            groups.setdefault(key_slot(op.counter.encode()), []).append(op)
+            groups.setdefault(key_slot(op.keys[0].encode()), []).append(op)
         return list(groups.values())
 
     async def _send(self, ops: Sequence[_Op]) -> None:
         keys: list[str] = []
+        first: dict[str, int] = {}  # a bucket's keys travel once per call, whatever its operations
         args: list[Any] = [int(self._clock() * 1000)]
         for op in ops:
-            keys += (op.counter, op.leases, op.settled, op.overrides)
-            args.append(f"{op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
+            index = first.get(op.keys[0])
+            if index is None:
+                index = first[op.keys[0]] = len(keys) + 1
+                keys += op.keys
+            args.append(f"{index} {op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
                         f"{op.scale} {op.field}")
         try:
             reply = await self._guard(self._script(keys=keys, args=args))

@@ -1,17 +1,18 @@
 -- Applies a batch of quota operations atomically and in order.
 --
--- KEYS: four per operation: the usage counter; the lease set (a sorted set whose score is the
---       lease expiry in epoch ms and whose member is "<random id>:<cost>"); the settled set,
---       which remembers for a day the leases that expired unsettled and the releases applied, so
---       that every settlement can be sent again safely (after a timeout, or an outage); and an
---       auxiliary key: for decisions (r, m) the project's quota overrides (a hash: resource ->
---       limit in quota units), for the others the bucket's running total of committed units
+-- KEYS: five per bucket, each bucket once per batch however many of its operations it carries:
+--       the usage counter; the lease set (a sorted set whose score is the lease expiry in epoch
+--       ms and whose member is "<id>:<cost>"); the settled set, which remembers for a day the
+--       leases that expired unsettled and the releases applied, so that every settlement can be
+--       sent again safely (after a timeout, or an outage); the project's quota overrides (a hash:
+--       resource -> limit in quota units); and the bucket's running total of committed units
 --       (which lets a reconciliation count the commits that land while it reads the truth).
 -- ARGV[1]: now, epoch ms (the caller's clock, so that every store shares one notion of time);
---       then one per operation, eight fields separated by spaces (packed: fewer arguments to
---       encode and decode on both sides): kind, member, amount, limit, lease expiry ms,
---       key expiry ms (0: the keys never expire; windowed counters expire after their window),
---       scale (store units per quota unit) and the override field ('-': overrides are off).
+--       then one per operation, nine fields separated by spaces (packed: fewer arguments to
+--       encode and decode on both sides): index of its bucket's first key in KEYS, kind, member,
+--       amount, limit, lease expiry ms, key expiry ms (0: the keys never expire; windowed
+--       counters expire after their window), scale (store units per quota unit) and the
+--       override field ('-': no override applies).
 -- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage (member: '-', or the
 --        commit total read before the true usage was, whose commits since are added), k commit
 --        total, m metering check, a add (charge), x seed (raise to at least).
@@ -93,7 +94,7 @@ local function effective(overrides, field, scale, limit)
   return value * scale
 end
 
-local function apply(counter, leases, settled, aux, kind, member, amount, limit, lease_until, at)
+local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
     local used = purge(counter, leases, settled, at)
     -- The same reservation sent twice (a client retry after a timeout) is reserved once.
@@ -105,13 +106,13 @@ local function apply(counter, leases, settled, aux, kind, member, amount, limit,
     return {1, used}
   elseif kind == 'c' then
     if redis.call('ZREM', leases, member) == 1 then
-      add(aux, amount, at)
+      add(commits, amount, at)
       return {1, 0}  -- nobody reads a commit's usage
     end
     -- The lease expired and its cost was given back, but the creation happened: count it again
     -- (once: a commit sent again finds nothing left to do).
     if redis.call('ZREM', settled, member) == 1 then
-      add(aux, amount, at)
+      add(commits, amount, at)
       return {0, add(counter, amount, at)}
     end
     return {0, 0}
@@ -131,10 +132,10 @@ local function apply(counter, leases, settled, aux, kind, member, amount, limit,
     local live = 0
     for _, m in ipairs(redis.call('ZRANGE', leases, 0, -1)) do live = live + lease_cost(m) end
     local since = 0
-    if member ~= '-' then since = used_of(aux) - tonumber(member) end
+    if member ~= '-' then since = used_of(commits) - tonumber(member) end
     return {1, set_used(counter, amount + live + since, at)}
   elseif kind == 'k' then
-    return {1, used_of(aux)}
+    return {1, used_of(commits)}
   elseif kind == 'm' then
     local used = purge(counter, leases, settled, at)
     if limit >= 0 and used >= limit then return {0, used} end
@@ -151,17 +152,18 @@ end
 
 local out = {}
 local function run(i)
-  local kind, member, amount, limit, lease_until, at, scale, field =
-    string.match(ARGV[i + 1], '^(%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
+  local k, kind, member, amount, limit, lease_until, at, scale, field =
+    string.match(ARGV[i + 1], '^(%d+) (%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
   if not kind then error('malformed operation ' .. tostring(ARGV[i + 1])) end
+  k = tonumber(k)
   limit = tonumber(limit)
-  if kind == 'r' or kind == 'm' then limit = effective(KEYS[4 * i], field, tonumber(scale), limit) end
-  local result = apply(KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], kind, member,
+  if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
+  local result = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
     tonumber(amount), limit, tonumber(lease_until), tonumber(at))
   return {result[1], result[2], limit}
 end
 
-for i = 1, #KEYS / 4 do
+for i = 1, #ARGV - 1 do
   local ok, result = pcall(run, i)
   if ok then
     out[3 * i - 2], out[3 * i - 1], out[3 * i] = result[1], result[2], result[3]
