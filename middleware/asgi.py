@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from dataclasses import replace
+from typing import Any, Literal, NamedTuple, Protocol
 
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
@@ -64,8 +64,7 @@ def _check_policy(name: str, value: str) -> Policy:
     return value  # type: ignore[return-value]
 
 
-@dataclass(frozen=True, slots=True)
-class _Check:
+class _Check(NamedTuple):
     """What one guarded request is checked against."""
 
     bucket: Bucket
@@ -142,6 +141,7 @@ class QuotaMiddleware:
         self.store = LeasingStore(store) if local_leases and store.shares_cache else store
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
+        self._default = Limit(self.default_limit)
         self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
                                 maxsize=cache_size, prefix=key_prefix, clock=clock, metrics=metrics)
         self.lease_ms = int(lease_seconds * 1000)
@@ -249,7 +249,7 @@ class QuotaMiddleware:
 
     async def _check_for(self, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
         quotas = await self.cache.get(project, scope["headers"])
-        limit = quotas.limit(resource, self.default_limit)
+        limit = quotas.limits.get(resource) or self._default
         now = self.clock()
         window = current_window(limit.window or rule.period, now)
         return _Check(Bucket(project, resource, window), limit, rule.units(scope, limit.scale), now)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..windows import Window
 
@@ -21,8 +21,9 @@ from ..windows import Window
 WINDOW_GRACE_MS = 10 * 60 * 1000
 
 
-@dataclass(frozen=True, slots=True)
-class Bucket:
+# Bucket, Reservation and Decision are built on every guarded request: named tuples, which cost a
+# fraction of a frozen dataclass to make, and are just as immutable and hashable.
+class Bucket(NamedTuple):
     """One project's usage of one resource; with a window, only within that window."""
 
     project: str
@@ -35,8 +36,7 @@ class Bucket:
         return 0 if self.window is None else int(self.window.end * 1000) + WINDOW_GRACE_MS
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
     bucket: Bucket
     cost: int
     #: Unique per reservation, with the cost appended so that an expiring lease knows what to give back.
@@ -45,8 +45,7 @@ class Reservation:
     expires_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     admitted: bool
     #: Usage of the bucket after this decision (including the reservation when admitted).
     used: int
