@@ -96,14 +96,17 @@ end
 
 local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
-    local used = purge(counter, leases, settled, at)
-    -- The same reservation sent twice (a client retry after a timeout) is reserved once.
-    if redis.call('ZSCORE', leases, member) then return {1, used} end
-    if limit >= 0 and used + amount > limit then return {0, used} end
-    used = add(counter, amount, at)
-    redis.call('ZADD', leases, lease_until, member)
+    local used = used_of(counter)
+    -- Expired leases only matter when they stand between a request and its limit: give them
+    -- back then (and on every read of the usage), not on every admission.
+    if limit >= 0 and used + amount > limit then
+      used = purge(counter, leases, settled, at)
+      if used + amount > limit then return {0, used} end
+    end
+    -- NX: the same reservation sent twice (a client retry after a timeout) is reserved once.
+    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return {1, used} end
     expire(leases, at)
-    return {1, used}
+    return {1, add(counter, amount, at)}
   elseif kind == 'c' then
     if redis.call('ZREM', leases, member) == 1 then
       add(commits, amount, at)
@@ -137,7 +140,8 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
   elseif kind == 'k' then
     return {1, used_of(commits)}
   elseif kind == 'm' then
-    local used = purge(counter, leases, settled, at)
+    local used = used_of(counter)
+    if limit >= 0 and used >= limit then used = purge(counter, leases, settled, at) end
     if limit >= 0 and used >= limit then return {0, used} end
     return {1, used}
   elseif kind == 'a' then
