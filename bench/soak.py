@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,9 +44,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-HOST = "127.0.0.1"
 APP = "examples.barbican_store:app"
 #: Resource -> (collection path, success status of a create); the example's static quotas apply.
 KINDS = {"secrets": 201, "containers": 201, "orders": 202}
@@ -62,51 +62,6 @@ LOG_PATTERNS = {
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-class Procs:
-    """Every subprocess this run started, each in its own process group; all stopped at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-        if proc.poll() is None:
-            _signal_group(proc, sig)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (uvicorn workers)
-        if proc.poll() is None:
-            proc.wait(grace)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            try:
-                self.stop(proc)
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the group made by start_new_session (pgid == pid)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
 
 class Redis:
     """redis-server with appendonly persistence, restartable on the same port and directory."""
@@ -150,22 +105,6 @@ class Redis:
         if self.proc is not None:
             self.procs.stop(self.proc, sig=signal.SIGKILL)
             self.proc = None
-
-
-def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app on port {port} exited with {proc.returncode} before answering")
-        try:
-            with socket.create_connection((HOST, port), timeout=1.0) as s:
-                s.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-                if s.recv(64).startswith(b"HTTP/1.1 300"):  # the version document
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"the app on port {port} did not answer GET / within {timeout:.0f}s")
 
 
 # -- the load generator (a separate process: `soak.py _load SPEC`) ---------------------------------
@@ -278,7 +217,7 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> int:
                            "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
                           cwd=ROOT, env={**os.environ, "REDIS_URL": redis.url, "QUOTA_SOURCE_URL": ""},
                           stdout=log, stderr=subprocess.STDOUT)
-    wait_http(port, app)
+    wait_http(port, app, "/", 300)
     spec = {"base": f"http://{HOST}:{port}", "duration": args.duration, "connections": args.connections,
             "projects": args.projects, "seed": args.seed}
     print(f"soak: {args.duration:.0f} s, {args.connections} connections, {args.projects} projects, "

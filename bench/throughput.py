@@ -69,9 +69,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-HOST = "127.0.0.1"
 PROJECTS = [f"bench-project-{i}" for i in range(8)]
 BODY = b'{"name": "bench", "payload": "c2VjcmV0"}'
 LOAD_MARK = "BENCHJSON "
@@ -136,51 +137,6 @@ def make_targets() -> list[Target]:
 
 # -- processes ------------------------------------------------------------------------------------
 
-class Procs:
-    """Every subprocess this run started, each in its own process group; all killed at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (uvicorn workers)
-        if proc.poll() is None:
-            proc.wait(grace)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            try:
-                self.stop(proc)
-            except Exception as exc:  # keep stopping the others
-                print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the group this run created with start_new_session (pgid == pid)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -202,22 +158,6 @@ def group_cpu(pgid: int) -> float | None:
         if int(fields[2]) == pgid:  # fields[0] is the state, [1] ppid, [2] pgrp
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLOCK_TICKS
-
-
-def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server on port {port} exited with {proc.returncode} before answering")
-        try:
-            with socket.create_connection((HOST, port), timeout=1.0) as s:
-                s.sendall(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"server on port {port} did not answer GET /health within {timeout:.0f}s")
 
 
 @dataclass
@@ -641,7 +581,7 @@ def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, r
     try:
         for s in servers.values():
             assert s.proc is not None
-            wait_http(s.port, s.proc)
+            wait_http(s.port, s.proc, "/health", 200)
         return measure(procs, tmp, args, workers, servers, redises)
     finally:
         for s in servers.values():
