@@ -181,6 +181,10 @@ class QuotaMiddleware:
             await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
         except SourceRejected as exc:
+            if shadow:  # the quota service refused the caller's credential; enforcement is not on yet
+                logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
+                await self.app(scope, receive, send)
+                return
             status = exc.status_code if exc.status_code in (401, 403) else 403
             await self._reject(send, Rejection(status, f"Quota service refused the request: {exc}",
                                                project=project, resource=resource))
@@ -194,8 +198,15 @@ class QuotaMiddleware:
                 return
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
             self._count(resource, "failed_open", project)
-            # Still counted, so that usage stays true for when the source is back.
-            check = _Check(Bucket(project, resource), Limit(UNLIMITED), rule.units(scope, 1), self.clock())
+            # Still counted (in the rule's window, if it has one), so that usage stays true for when
+            # the source is back.
+            now = self.clock()
+            try:
+                check = _Check(Bucket(project, resource, current_window(rule.period, now)), Limit(UNLIMITED),
+                               rule.units(scope, 1), now)
+            except IdentityError as bad_cost:
+                await self._reject(send, Rejection(bad_cost.status_code, str(bad_cost)))
+                return
 
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.

@@ -92,3 +92,11 @@ async def test_shadow_mode_lets_requests_without_identity_through() -> None:
     mw = QuotaMiddleware(inner_app(), rules=RULES, source=StaticSource({"things": 0}), shadow=True)
     async with client_for(mw) as client:
         assert (await client.post("/things")).status_code == 201
+
+
+async def test_shadow_mode_lets_a_refused_credential_through() -> None:
+    upstream = FakeBarbican({})  # every token refused
+    mw = QuotaMiddleware(inner_app(), rules=RULES, shadow=True,
+                         source=BarbicanSource("http://q.test", client=upstream.client(), resources=["things"]))
+    async with client_for(mw) as client:
+        assert (await client.post("/things", headers=HEADERS)).status_code == 201

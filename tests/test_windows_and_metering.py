@@ -227,3 +227,18 @@ async def test_project_over_its_traffic_quota_is_refused_until_the_window_ends(s
         assert other_region.status_code == 200  # no quota there: the default (unlimited)
         clock.advance(45)
         assert (await client.get("/regions/brazil/files/a?size=10", headers=project)).status_code == 200
+
+
+async def test_failing_open_counts_in_the_rules_window(clock: FakeClock) -> None:
+    clock.now = MINUTE_START + 5
+    broken = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(502)))
+    from middleware import BarbicanSource, MemoryStore
+
+    store = MemoryStore(clock=clock)
+    mw = QuotaMiddleware(app(), rules=[Rule("POST", "/call", "calls", window="minute")], store=store,
+                         source=BarbicanSource("http://q", client=broken), on_source_error="fail_open", clock=clock)
+    async with client_for(mw) as client:
+        assert (await client.post("/call", headers={**H, "X-Auth-Token": "t"})).status_code == 200
+    minute = Period.parse("minute").window_at(clock())
+    assert await store.usage(Bucket("p", "calls", minute)) == 1
+    assert await store.usage(Bucket("p", "calls")) == 0
