@@ -147,8 +147,7 @@ class QuotaAdmin:
         try:
             return await self.cache.get(project, request.scope["headers"])
         except SourceRejected as exc:
-            status = exc.status_code if exc.status_code in (401, 403) else 403
-            raise AdminError(status, f"Quota service refused the request: {exc}") from None
+            raise AdminError(exc.caller_status, f"Quota service refused the request: {exc}") from None
         except SourceError as exc:
             logger.warning("quota API failed for project %r: %s", project, exc)
             retry = exc.retry_after or RETRY_AFTER

@@ -185,8 +185,7 @@ class QuotaMiddleware:
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
                 await self.app(scope, receive, send)
                 return
-            status = exc.status_code if exc.status_code in (401, 403) else 403
-            await self._reject(send, Rejection(status, f"Quota service refused the request: {exc}",
+            await self._reject(send, Rejection(exc.caller_status, f"Quota service refused the request: {exc}",
                                                project=project, resource=resource))
             return
         except SourceError as exc:

@@ -91,9 +91,6 @@ class QuotaCache:
             # Another caller's credential was refused; this caller's own may be fine.
             return await self.source.fetch(project, self._forwarded(headers))
 
-    def invalidate(self, project: str) -> None:
-        self._local.pop(project, None)
-
     async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
         key = quotas_key(self.prefix, project, self.source.namespace)
         waiting = self._while_backing_off(self._backoff.get(project), stale)

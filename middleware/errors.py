@@ -48,6 +48,11 @@ class SourceUnavailable(SourceError):
 class SourceRejected(SourceError):
     """The upstream refused the credential or does not know the project (401/403/404)."""
 
+    @property
+    def caller_status(self) -> int:
+        """What the caller is answered: the upstream's 401 or 403 as it is; anything else, 403."""
+        return self.status_code if self.status_code in (401, 403) else 403
+
 
 class SourceInvalid(SourceError):
     """The upstream answered, but not with a quota document of the expected shape."""

@@ -60,8 +60,7 @@ def guard(quota: QuotaMiddleware, resource: str, *, cost: Any = 1,
         except IdentityError as exc:
             raise QuotaRefused(quota, Rejection(exc.status_code, str(exc))) from None
         except SourceRejected as exc:
-            status = exc.status_code if exc.status_code in (401, 403) else 403
-            raise QuotaRefused(quota, Rejection(status, f"Quota service refused the request: {exc}")) from None
+            raise QuotaRefused(quota, Rejection(exc.caller_status, f"Quota service refused the request: {exc}")) from None
         except (SourceError, StoreError):
             raise QuotaRefused(quota, Rejection(503, "Quota service unavailable. Try again later.",
                                                 retry_after=quota.retry_after)) from None

@@ -47,10 +47,6 @@ class Limit:
     #: What one quota unit is, for messages ("credits", "TB").
     unit: str = ""
 
-    @property
-    def unlimited(self) -> bool:
-        return self.value < 0
-
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"value": self.value}
         if self.scale != 1:

@@ -69,7 +69,8 @@ def new_id() -> str:
 
 
 def new_member(cost: int) -> str:
-    return f"{_PROCESS}{next(_SEQUENCE):x}:{cost}"
+    """A reservation's lease member: a new id with the cost appended (see Reservation.member)."""
+    return f"{new_id()}:{cost}"
 
 
 class Store(ABC):

@@ -8,7 +8,8 @@ later operation (a usage read, say) always sees the settlements handed over befo
 
 Commits and refunds are handed over without waiting for the answer: the response is already on
 its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
-(Redis down, a timeout) is sent again, with a back-off, until Redis applies it. Until then the
+(Redis down, a timeout) is sent again, with a back-off, until Redis applies it (they wait in
+the process's memory: they survive an outage, not a restart of the worker). Until then the
 reservation's lease holds the count; a commit that arrives after its lease expired counts the
 creation again.
 """
@@ -191,11 +192,6 @@ class RedisStore(Store):
         """Wait for what was handed over; settlements waiting to be sent again are not waited for."""
         while self._worker is not None and not self._worker.done():
             await asyncio.shield(self._worker)
-
-    @property
-    def pending_settlements(self) -> int:
-        """Settlements that failed and wait to be sent again (they survive an outage, not a restart)."""
-        return len(self._retry)
 
     async def aclose(self) -> None:
         await self.flush()
