@@ -39,6 +39,17 @@ async def test_zero_limit_rejects_the_first(store: Store) -> None:
     assert await store.usage(B) == 0
 
 
+async def test_a_rejection_leaves_nothing_behind(store: Store, clock: FakeClock) -> None:
+    kept = await store.reserve(B, 2, 2, LEASE)
+    assert kept.reservation
+    await store.commit(kept.reservation)
+    for _ in range(3):
+        rejected = await store.reserve(B, 1, 2, LEASE)
+        assert not rejected.admitted and rejected.used == 2
+    clock.advance(LEASE / 1000 + 1)  # a lease a rejection left behind would be given back now
+    assert await store.usage(B) == 2
+
+
 async def test_cost_counts_whole(store: Store) -> None:
     assert (await store.reserve(B, 3, 5, LEASE)).admitted
     assert not (await store.reserve(B, 3, 5, LEASE)).admitted  # 3 + 3 > 5: no partial admission

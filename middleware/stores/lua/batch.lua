@@ -84,9 +84,18 @@ end
 
 -- An operator's override takes precedence over the limit the source gave (read in the same
 -- atomic step, so a change applies to every worker's next decision).
+-- An operator's override takes precedence over the limit the source gave (read in the same
+-- atomic step, so a change applies to every worker's next decision). Read once per call: a
+-- batch often holds several requests of one project.
+local override_of = {}
 local function effective(overrides, field, scale, limit)
   if field == '-' then return limit end
-  local raw = redis.call('HGET', overrides, field)
+  local cached = overrides .. ' ' .. field
+  local raw = override_of[cached]
+  if raw == nil then
+    raw = redis.call('HGET', overrides, field)
+    override_of[cached] = raw
+  end
   if not raw then return limit end
   local value = tonumber(raw)
   if not value then error('quota override ' .. field .. ' is not a number') end
@@ -96,17 +105,26 @@ end
 
 local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
-    local used = used_of(counter)
-    -- Expired leases only matter when they stand between a request and its limit: give them
-    -- back then (and on every read of the usage), not on every admission.
-    if limit >= 0 and used + amount > limit then
-      used = purge(counter, leases, settled, at)
-      if used + amount > limit then return {0, used} end
-    end
     -- NX: the same reservation sent twice (a client retry after a timeout) is reserved once.
-    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return {1, used} end
+    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return {1, used_of(counter)} end
     expire(leases, at)
-    return {1, add(counter, amount, at)}
+    -- Optimistic: count first (most requests fit), undo when over the limit.
+    local ok, used = pcall(add, counter, amount, at)
+    if not ok then  -- INCRBY refused a corrupt counter: leave no lease behind
+      redis.call('ZREM', leases, member)
+      used_of(counter)  -- raises the clear error, or, if the counter is fine, ...
+      error(used)       -- ... whatever else it was
+    end
+    if limit >= 0 and used > limit then
+      -- Expired leases only matter when they stand between a request and its limit: give them
+      -- back then (and on every read of the usage), not on every admission.
+      used = purge(counter, leases, settled, at)
+      if used > limit then
+        redis.call('ZREM', leases, member)
+        return {0, give_back(counter, amount, at)}
+      end
+    end
+    return {1, used}
   elseif kind == 'c' then
     if redis.call('ZREM', leases, member) == 1 then
       add(commits, amount, at)
