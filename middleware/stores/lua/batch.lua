@@ -106,7 +106,7 @@ end
 local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
     -- NX: the same reservation sent twice (a client retry after a timeout) is reserved once.
-    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return {1, used_of(counter)} end
+    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return 1, used_of(counter) end
     expire(leases, at)
     -- Optimistic: count first (most requests fit), undo when over the limit.
     local ok, used = pcall(add, counter, amount, at)
@@ -121,53 +121,53 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
       used = purge(counter, leases, settled, at)
       if used > limit then
         redis.call('ZREM', leases, member)
-        return {0, give_back(counter, amount, at)}
+        return 0, give_back(counter, amount, at)
       end
     end
-    return {1, used}
+    return 1, used
   elseif kind == 'c' then
     if redis.call('ZREM', leases, member) == 1 then
       add(commits, amount, at)
-      return {1, 0}  -- nobody reads a commit's usage
+      return 1, 0  -- nobody reads a commit's usage
     end
     -- The lease expired and its cost was given back, but the creation happened: count it again
     -- (once: a commit sent again finds nothing left to do).
     if redis.call('ZREM', settled, member) == 1 then
       add(commits, amount, at)
-      return {0, add(counter, amount, at)}
+      return 0, add(counter, amount, at)
     end
-    return {0, 0}
+    return 0, 0
   elseif kind == 'f' then
-    if redis.call('ZREM', leases, member) == 1 then return {1, give_back(counter, amount, at)} end
+    if redis.call('ZREM', leases, member) == 1 then return 1, give_back(counter, amount, at) end
     redis.call('ZREM', settled, member)  -- already given back when its lease expired
-    return {0, 0}
+    return 0, 0
   elseif kind == 'l' then
     purge(counter, leases, settled, at)
     -- A release carries an id, so that sending it again gives back only once.
-    if member ~= '-' and remember(settled, member, at) == 0 then return {0, used_of(counter)} end
-    return {1, give_back(counter, amount, at)}
+    if member ~= '-' and remember(settled, member, at) == 0 then return 0, used_of(counter) end
+    return 1, give_back(counter, amount, at)
   elseif kind == 'u' then
-    return {1, purge(counter, leases, settled, at)}
+    return 1, purge(counter, leases, settled, at)
   elseif kind == 's' then
     purge(counter, leases, settled, at)
     local live = 0
     for _, m in ipairs(redis.call('ZRANGE', leases, 0, -1)) do live = live + lease_cost(m) end
     local since = 0
     if member ~= '-' then since = used_of(commits) - tonumber(member) end
-    return {1, set_used(counter, amount + live + since, at)}
+    return 1, set_used(counter, amount + live + since, at)
   elseif kind == 'k' then
-    return {1, used_of(commits)}
+    return 1, used_of(commits)
   elseif kind == 'm' then
     local used = used_of(counter)
     if limit >= 0 and used >= limit then used = purge(counter, leases, settled, at) end
-    if limit >= 0 and used >= limit then return {0, used} end
-    return {1, used}
+    if limit >= 0 and used >= limit then return 0, used end
+    return 1, used
   elseif kind == 'a' then
-    return {1, add(counter, amount, at)}
+    return 1, add(counter, amount, at)
   elseif kind == 'x' then
     local used = purge(counter, leases, settled, at)
-    if used >= amount then return {0, used} end
-    return {1, set_used(counter, amount, at)}
+    if used >= amount then return 0, used end
+    return 1, set_used(counter, amount, at)
   end
   error('unknown operation ' .. tostring(kind))
 end
@@ -180,19 +180,17 @@ local function run(i)
   k = tonumber(k)
   limit = tonumber(limit)
   if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
-  local result = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
+  local flag, used = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
     tonumber(amount), limit, tonumber(lease_until), tonumber(at))
-  return {result[1], result[2], limit}
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, used, limit
 end
 
 for i = 1, #ARGV - 1 do
-  local ok, result = pcall(run, i)
-  if ok then
-    out[3 * i - 2], out[3 * i - 1], out[3 * i] = result[1], result[2], result[3]
-  else
+  local ok, err = pcall(run, i)
+  if not ok then
     -- redis.call raises a table {err = ...}; a plain Lua error is a string.
-    if type(result) == 'table' then result = result.err end
-    out[3 * i - 2], out[3 * i - 1], out[3 * i] = -1, tostring(result), 0
+    if type(err) == 'table' then err = err.err end
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = -1, tostring(err), 0
   end
 end
 return out
