@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource
+from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource, StoreError
 from middleware.stores.redis import BATCH_SCRIPT, UNLOCK_SCRIPT
 from tests.conftest import IN_CI, FakeClock
 from tests.servers import RedisServer
@@ -256,6 +256,31 @@ async def test_paused_redis_bounds_latency_by_the_store_timeout_and_spares_ungua
     await guarded.store.flush()
     clock.advance(121)
     assert await guarded.store.usage(BUCKET) == 4  # the three before the pause and the one after
+
+
+async def test_calls_cut_off_in_flight_never_answer_later_ones(redis_proc: RedisServer, clock: FakeClock) -> None:
+    """Several script calls are in flight on one connection: a timeout must not leave a reply behind."""
+    assert redis_proc.process is not None
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    buckets = [Bucket(f"p{i}", "things") for i in range(6)]
+    for used, bucket in enumerate(buckets, start=1):
+        await store.charge(bucket, used)
+
+    def usages() -> Any:  # 24 reads in one tick: more than one script call, pipelined
+        return asyncio.gather(*(store.usage(bucket) for _ in range(4) for bucket in buckets), return_exceptions=True)
+
+    assert await usages() == [1, 2, 3, 4, 5, 6] * 4
+    redis_proc.process.send_signal(signal.SIGSTOP)
+    try:
+        cut_off = await usages()
+        assert all(isinstance(result, StoreError) for result in cut_off), cut_off
+    finally:
+        redis_proc.process.send_signal(signal.SIGCONT)
+    # The paused Redis answers the cut-off calls late, on a connection that is gone: every answer
+    # from now on is its own bucket's.
+    for _ in range(3):
+        assert await usages() == [1, 2, 3, 4, 5, 6] * 4
+    await store.aclose()
 
 
 async def _admitted(guarded: Guarded) -> bool:

@@ -1,10 +1,12 @@
 """Usage in Redis, shared by every worker and host.
 
-All operations one process issues within one event-loop tick (and while the previous round trip
-is in flight) go to Redis as a single script call: one round trip decides a whole batch of
+All operations one process issues within one event-loop tick (and while earlier round trips are
+in flight) go to Redis as a single script call: one round trip decides a whole batch of
 requests, atomically and in order. At low load a batch holds one operation and costs one round
-trip; under load the Redis cost per request falls. Only one batch is in flight at a time, so a
-later operation (a usage read, say) always sees the settlements handed over before it.
+trip; under load the Redis cost per request falls. On one Redis, up to MAX_PIPELINED calls are
+in flight on one connection, which Redis runs in the order they were written, so a later
+operation (a usage read, say) always sees the settlements handed over before it. (On a cluster,
+one batch at a time, split by hash slot.)
 
 Commits and refunds are handed over without waiting for the answer: the response is already on
 its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
@@ -49,6 +51,12 @@ UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_tex
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
+#: Script calls in flight at once on the batch connection of one Redis. From idle, the first call
+#: takes only a share of what waits (at least FIRST_CALL_MIN operations): its answers come back,
+#: and their requests get going again, while Redis still runs the rest. One call at a time left
+#: the worker idle for every call's whole run in Redis (throughput +14-21% in bench runs).
+MAX_PIPELINED = 3
+FIRST_CALL_MIN = 8
 
 
 
@@ -114,6 +122,10 @@ class RedisStore(Store):
         # On one Redis the batches travel on a connection held from the client's pool, past its
         # retry and instrumentation layers, which cost several times the round trip's own CPU.
         self._batch_connection: Any = None
+        self._writing = asyncio.Lock()
+        #: Bumped whenever the batch connection is dropped: calls written before cannot be read.
+        self._generation = 0
+        self._last_read: asyncio.Future[None] | None = None
         self._queue: list[_Op] = []
         self._worker: asyncio.Task[None] | None = None
         self._retry: list[_Op] = []
@@ -223,10 +235,20 @@ class RedisStore(Store):
     async def _drain(self) -> None:
         # Started with create_task, so it first runs after the current tick: everything enqueued
         # in that tick, and during each round trip, travels together.
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            groups = self._by_slot(batch) if self._cluster else [batch]
-            await asyncio.gather(*(self._send_bounded(group) for group in groups))
+        if self._cluster:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await asyncio.gather(*(self._send_bounded(group) for group in self._by_slot(batch)))
+            return
+        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Task[None]] = set()
+        while self._queue or in_flight:
+            if self._queue and len(in_flight) < MAX_PIPELINED:
+                size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // MAX_PIPELINED))
+                batch, self._queue = self._queue[:size], self._queue[size:]
+                in_flight.add(loop.create_task(self._send(batch)))
+                continue
+            _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
 
     async def _send_bounded(self, ops: Sequence[_Op]) -> None:
         async with self._sending:
@@ -281,21 +303,49 @@ class RedisStore(Store):
     async def _run_batch(self, keys: list[str], args: list[Any]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node
             return await self._script(keys=keys, args=args)
-        if self._batch_connection is None:
-            # Closed with the client's pool, if the store is not closed first.
-            self._batch_connection = await self.client.connection_pool.get_connection()
-        connection = self._batch_connection
         command = pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
-        for attempt in (1, 2):
-            # One batch at a time on this connection, so a reply always answers the last call.
-            await connection.send_packed_command(command, check_health=False)
+        try:
+            return await self._pipelined(command)
+        except redis_errors.NoScriptError:
+            await self.client.script_load(BATCH_SCRIPT)  # Redis restarted, or SCRIPT FLUSH
+            return await self._pipelined(command)
+
+    async def _pipelined(self, command: bytes) -> Any:
+        """Write one call on the batch connection; read its reply once the calls before it have read theirs."""
+        async with self._writing:  # the order of the writes is the order of the replies
+            if self._batch_connection is None:
+                # Held from the client's pool, and closed with it if the store is not closed first.
+                self._batch_connection = await self.client.connection_pool.get_connection()
+            connection, generation = self._batch_connection, self._generation
+            previous, read = self._last_read, asyncio.get_running_loop().create_future()
+            self._last_read = read
             try:
-                return await connection.read_response()
-            except redis_errors.NoScriptError:
-                if attempt == 2:
-                    raise
-                await self.client.script_load(BATCH_SCRIPT)  # Redis restarted, or SCRIPT FLUSH
-        raise AssertionError("unreachable")
+                await connection.send_packed_command(command, check_health=False)
+            except BaseException:
+                read.set_result(None)
+                await self._drop_connection(generation)
+                raise
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+            if self._generation != generation:
+                raise redis_errors.ConnectionError("the Redis connection was reset while this call was in flight")
+            return await connection.read_response()
+        except redis_errors.ResponseError:
+            raise  # an error reply was read: the connection is still in step
+        except BaseException:
+            # A call written but not read would leave its reply to the next reader.
+            await self._drop_connection(generation)
+            raise
+        finally:
+            if not read.done():
+                read.set_result(None)
+
+    async def _drop_connection(self, generation: int) -> None:
+        if self._generation != generation or self._batch_connection is None:
+            return  # already dropped (the next write reconnects)
+        self._generation += 1
+        await self._batch_connection.disconnect(nowait=True)
 
     def _fail(self, op: _Op, error: StoreError, *, retry: bool) -> None:
         if op.future is not None and not op.future.done():
