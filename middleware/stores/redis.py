@@ -104,9 +104,10 @@ class RedisStore(Store):
     def __init__(self, redis: str | aioredis.Redis | RedisCluster, *, prefix: str = "quota:",
                  timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         if isinstance(redis, str):
-            # No socket timeout: every call is bounded by ``timeout`` here (see _guard), and a
-            # socket timeout would wrap each write in a task of its own.
-            redis = aioredis.Redis.from_url(redis, socket_connect_timeout=timeout)
+            # No socket timeout (redis-py's default is 5 s): every call is bounded by ``timeout``
+            # here (see _guard), and a socket timeout wraps each write and read in a task of its
+            # own, which cost more worker CPU than the round trip itself.
+            redis = aioredis.Redis.from_url(redis, socket_timeout=None, socket_connect_timeout=timeout)
             self._owns_client = True
         else:
             self._owns_client = False
@@ -122,6 +123,7 @@ class RedisStore(Store):
         # On one Redis the batches travel on a connection held from the client's pool, past its
         # retry and instrumentation layers, which cost several times the round trip's own CPU.
         self._batch_connection: Any = None
+        self._socket_timeout: float | None = None
         self._writing = asyncio.Lock()
         #: Bumped whenever the batch connection is dropped: calls written before cannot be read.
         self._generation = 0
@@ -215,6 +217,7 @@ class RedisStore(Store):
         await self.flush()
         if self._batch_connection is not None:
             connection, self._batch_connection = self._batch_connection, None
+            connection.socket_timeout = self._socket_timeout
             await self.client.connection_pool.release(connection)
         if self._owns_client:
             await self.client.aclose()
@@ -315,7 +318,11 @@ class RedisStore(Store):
         async with self._writing:  # the order of the writes is the order of the replies
             if self._batch_connection is None:
                 # Held from the client's pool, and closed with it if the store is not closed first.
-                self._batch_connection = await self.client.connection_pool.get_connection()
+                connection = await self.client.connection_pool.get_connection()
+                # Every call on it is bounded by _guard; a socket timeout would add a task per
+                # write and per read. Given back as it came (see aclose).
+                self._socket_timeout, connection.socket_timeout = connection.socket_timeout, None
+                self._batch_connection = connection
             connection, generation = self._batch_connection, self._generation
             previous, read = self._last_read, asyncio.get_running_loop().create_future()
             self._last_read = read
