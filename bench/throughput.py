@@ -841,8 +841,8 @@ def main() -> int:
     parser.add_argument("--workers", type=parse_workers, default=[1, 2],
                         help="uvicorn worker processes per server, one phase per count (1,2)")
     parser.add_argument("--connections", type=int, default=32, help="throughput: keep-alive connections (32)")
-    parser.add_argument("--duration", type=int, default=3, help="throughput: seconds per round and target (3)")
-    parser.add_argument("--rounds", type=int, default=4, help="throughput: rounds; each loads every target once (4)")
+    parser.add_argument("--duration", type=int, default=2, help="throughput: seconds per round and target (2)")
+    parser.add_argument("--rounds", type=int, default=6, help="throughput: rounds; each loads every target once (6)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per target first (1)")
     parser.add_argument("--rate", type=float, default=500.0, help="latency: requests per second, fixed (500)")
     parser.add_argument("--latency-duration", type=float, default=3.0, help="latency: seconds per round and target (3)")
