@@ -1,6 +1,6 @@
 """quota-middleware: enforce upstream quotas at the edge of an ASGI app."""
 
-from .asgi import QuotaMiddleware
+from .asgi import Admitted, QuotaMiddleware
 from .errors import (
     ConfigurationError,
     IdentityError,
@@ -21,6 +21,7 @@ from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Res
 
 __all__ = [
     "UNLIMITED",
+    "Admitted",
     "BarbicanSource",
     "Bucket",
     "CaptainDataSource",

@@ -96,6 +96,13 @@ class _Check(NamedTuple):
                          retry_after=None if window is None else window.end - self.now, headers=self.headers(decision))
 
 
+class Admitted(NamedTuple):
+    """A request the store admitted: what it was checked against, and the decision."""
+
+    check: _Check
+    decision: Decision
+
+
 def _in_quota_units(units: int, scale: int) -> float:
     return units // scale if units % scale == 0 else units / scale
 
@@ -165,38 +172,60 @@ class QuotaMiddleware:
         if rule is None:
             await self.app(scope, receive, send)
             return
-        shadow = self.shadow or rule.shadow
         try:
             project = self.identity(scope)
             resource = rule.resource_for(scope)
-            if rule.action == "release":
-                await self._release(scope, receive, send, Bucket(project, resource), rule.units(scope, 1))
-                return
-            check = await self._check_for(scope, rule, project, resource)
+            units = rule.units(scope, 1) if rule.action == "release" else 0
         except IdentityError as exc:
-            if shadow:  # nothing to count without a project; let it through
+            if self.shadow or rule.shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
                 await self.app(scope, receive, send)
-                return
-            await self._reject(send, Rejection(exc.status_code, str(exc)))
+            else:
+                await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
+        if rule.action == "release":
+            await self._release(scope, receive, send, Bucket(project, resource), units)
+            return
+        outcome = await self.admit(scope, rule, project, resource)
+        if outcome is None:
+            await self.app(scope, receive, send)
+        elif isinstance(outcome, Rejection):
+            await self._reject(send, outcome)
+        elif rule.action == "meter":
+            await self._run_metered(scope, receive, send, outcome.check, outcome.decision)
+        else:
+            await self._run_reserved(scope, receive, send, outcome.check, outcome.decision)
+
+    async def admit(self, scope: Scope, rule: Rule, project: str, resource: str) -> Admitted | Rejection | None:
+        """Decide one request of ``project`` against ``rule`` before the app runs.
+
+        Returns what was admitted (holding a reservation, for ``consume`` rules), the Rejection to
+        answer with, or None: let the request through uncounted (shadow mode where nothing can be
+        counted, or ``fail_open`` while the store fails). The failure policies, shadow mode and
+        metrics apply here, for the middleware and the FastAPI dependency alike.
+        """
+        shadow = self.shadow or rule.shadow
+        try:
+            check = await self._check_for(scope, rule, project, resource)
+        except IdentityError as exc:  # a cost the request made impossible to compute
+            if shadow:
+                logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
+                return None
+            return Rejection(exc.status_code, str(exc))
         except SourceRejected as exc:
             if shadow:  # the quota service refused the caller's credential; enforcement is not on yet
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
-                await self.app(scope, receive, send)
-                return
-            await self._reject(send, Rejection(exc.caller_status, f"Quota service refused the request: {exc}",
-                                               project=project, resource=resource))
-            return
+                return None
+            return Rejection(exc.caller_status, f"Quota service refused the request: {exc}",
+                             project=project, resource=resource)
         except SourceError as exc:
             if self.on_source_error == "fail_closed" and not shadow:
                 logger.warning("quota API failed for project %r: %s", project, exc)
-                self._count(resource, "failed_closed", project)
-                await self._reject(send, Rejection(503, SOURCE_FAILED, project=project, resource=resource,
-                                                   retry_after=exc.retry_after or self.retry_after))
-                return
+                self.record_outcome(resource, "failed_closed", project)
+                return Rejection(503, SOURCE_FAILED, project=project, resource=resource,
+                                 retry_after=exc.retry_after or self.retry_after)
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
-            self._count(resource, "failed_open", project)
+            self.record_outcome(resource, "failed_open", project)
             # Still counted (in the rule's window, if it has one), so that usage stays true for when
             # the source is back.
             now = self.clock()
@@ -204,17 +233,15 @@ class QuotaMiddleware:
                 check = _Check(Bucket(project, resource, current_window(rule.period, now)), Limit(UNLIMITED),
                                rule.units(scope, 1), now)
             except IdentityError as bad_cost:
-                await self._reject(send, Rejection(bad_cost.status_code, str(bad_cost)))
-                return
+                return Rejection(bad_cost.status_code, str(bad_cost))
 
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
             decision = await self._decide(rule, check, check.limit.value)
             if not decision.admitted:
-                self._count(resource, "shadow_rejected" if shadow else "rejected", project)
+                self.record_outcome(resource, "shadow_rejected" if shadow else "rejected", project)
                 if not shadow:
-                    await self._reject(send, check.rejection(decision))
-                    return
+                    return check.rejection(decision)
                 # Shadow mode: what enforcement would refuse is recorded, admitted, and counted,
                 # so that usage stays true for the day enforcement starts.
                 logger.info(SHADOW_REJECTED, project, resource, check.rejection(decision).description)
@@ -222,20 +249,14 @@ class QuotaMiddleware:
         except StoreError as exc:
             if self.on_store_error == "fail_closed" and not shadow:
                 logger.warning("quota store failed for project %r: %s", project, exc)
-                self._count(resource, "failed_closed", project)
-                await self._reject(send, Rejection(503, STORE_FAILED, project=project, resource=resource,
-                                                   retry_after=self.retry_after))
-                return
+                self.record_outcome(resource, "failed_closed", project)
+                return Rejection(503, STORE_FAILED, project=project, resource=resource, retry_after=self.retry_after)
             logger.warning(FAILED_OPEN, scope["method"], scope["path"], project, exc)
-            self._count(resource, "failed_open", project)
-            await self.app(scope, receive, send)
-            return
+            self.record_outcome(resource, "failed_open", project)
+            return None
         if self.metrics is not None:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
-        if rule.action == "meter":
-            await self._run_metered(scope, receive, send, check, decision)
-        else:
-            await self._run_reserved(scope, receive, send, check, decision)
+        return Admitted(check, decision)
 
     async def _decide(self, rule: Rule, check: _Check, limit: int) -> Decision:
         """One atomic decision in the store (timed, when metrics are on)."""
@@ -253,7 +274,8 @@ class QuotaMiddleware:
             self.metrics.store(rule.action, time.perf_counter() - started)
         return decision
 
-    def _count(self, resource: str, outcome: str, project: str) -> None:
+    def record_outcome(self, resource: str, outcome: str, project: str) -> None:
+        """Report a decision's outcome to the metrics, when they are on."""
         if self.metrics is not None:
             self.metrics.decision(resource, outcome, project)
 
@@ -296,7 +318,7 @@ class QuotaMiddleware:
             reservation = decision.reservation
             if reservation is not None:  # admitted decisions always carry one
                 if not keep:
-                    self._count(reservation.bucket.resource, "refunded", reservation.bucket.project)
+                    self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
                 try:
                     await (self.store.commit(reservation) if keep else self.store.refund(reservation))
                 except StoreError as exc:
@@ -338,7 +360,7 @@ class QuotaMiddleware:
 
         await self.app(scope, receive, send_watching)
         if 200 <= status < 300:
-            self._count(bucket.resource, "released", bucket.project)
+            self.record_outcome(bucket.resource, "released", bucket.project)
             try:
                 await self.store.release(bucket, units)
             except StoreError as exc:

@@ -7,11 +7,14 @@
     @app.post("/v1/secrets", status_code=201)
     async def create(decision: Decision = Depends(guard(quota, "secrets"))): ...
 
-The dependency decides before the endpoint runs (identity, cached quotas, one atomic reservation
-in the store) and settles after it: it keeps the reservation when the endpoint returns and gives
-it back when the endpoint raises (an HTTPException included). Unlike the middleware it cannot see
-the status of a response the endpoint builds itself, so return errors by raising them.
-Rules, windows and costs work as in the middleware; both forms may guard routes of one app.
+The dependency decides before the endpoint runs, with the middleware's own ``admit`` (identity,
+cached quotas, one atomic reservation in the store; its failure policies, shadow mode and metrics)
+and settles after it: it keeps the reservation when the endpoint returns and gives it back when
+the endpoint raises (an HTTPException included). Unlike the middleware it cannot see the status
+of a response the endpoint builds itself, so return errors by raising them. A request let through
+uncounted (``fail_open`` while the store fails, or shadow mode without an identity) gets an
+unlimited Decision with no reservation. Rules, windows and costs work as in the middleware; both
+forms may guard routes of one app.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .asgi import QuotaMiddleware, Rule
-from .errors import IdentityError, SourceError, SourceRejected, StoreError
+from .errors import IdentityError
+from .quotas import UNLIMITED
 from .rendering import Rejection
 from .stores.base import Decision
 
 __all__ = ["QuotaRefused", "guard", "quota_refused_handler"]
+
+#: What the dependency yields for a request let through without a count.
+UNCOUNTED = Decision(True, 0, UNLIMITED)
 
 
 class QuotaRefused(Exception):
@@ -53,26 +60,26 @@ def guard(quota: QuotaMiddleware, resource: str, *, cost: Any = 1,
 
     async def dependency(request: Request) -> AsyncIterator[Decision]:
         scope = request.scope
+        shadow = quota.shadow or rule.shadow
         try:
             project = quota.identity(scope)
-            check = await quota._check_for(scope, rule, project, resource)
-            decision = await quota._decide(rule, check, check.limit.value)
         except IdentityError as exc:
-            raise QuotaRefused(quota, Rejection(exc.status_code, str(exc))) from None
-        except SourceRejected as exc:
-            raise QuotaRefused(quota, Rejection(exc.caller_status, f"Quota service refused the request: {exc}")) from None
-        except (SourceError, StoreError):
-            raise QuotaRefused(quota, Rejection(503, "Quota service unavailable. Try again later.",
-                                                retry_after=quota.retry_after)) from None
-        if not decision.admitted:
-            quota._count(resource, "rejected", project)
-            raise QuotaRefused(quota, check.rejection(decision))
-        reservation = decision.reservation
+            if not shadow:
+                raise QuotaRefused(quota, Rejection(exc.status_code, str(exc))) from None
+            yield UNCOUNTED  # shadow mode: nothing to count without a project
+            return
+        outcome = await quota.admit(scope, rule, project, resource)
+        if isinstance(outcome, Rejection):
+            raise QuotaRefused(quota, outcome)
+        if outcome is None:
+            yield UNCOUNTED
+            return
+        reservation = outcome.decision.reservation
         try:
-            yield decision
+            yield outcome.decision
         except BaseException:
             if reservation is not None:
-                quota._count(resource, "refunded", project)
+                quota.record_outcome(resource, "refunded", project)
                 await quota.store.refund(reservation)
             raise
         if reservation is not None:
