@@ -258,20 +258,27 @@ class QuotaMiddleware:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
         return Admitted(check, decision)
 
-    async def _decide(self, rule: Rule, check: _Check, limit: int) -> Decision:
+    def _decide(self, rule: Rule, check: _Check, limit: int) -> Awaitable[Decision]:
         """One atomic decision in the store (timed, when metrics are on)."""
-        started = time.perf_counter() if self.metrics is not None else 0.0
+        if self.metrics is not None:
+            return self._decide_timed(rule, check, limit)
+        # The store's own coroutine, awaited by the caller: no frame of ours in between.
+        if rule.action == "meter":
+            return self.store.check(check.bucket, limit, check.limit.scale)
+        return self.store.reserve(check.bucket, check.units, limit, self.lease_ms, check.limit.scale)
+
+    async def _decide_timed(self, rule: Rule, check: _Check, limit: int) -> Decision:
+        assert self.metrics is not None
+        started = time.perf_counter()
         try:
             if rule.action == "meter":
                 decision = await self.store.check(check.bucket, limit, check.limit.scale)
             else:
                 decision = await self.store.reserve(check.bucket, check.units, limit, self.lease_ms, check.limit.scale)
         except StoreError:
-            if self.metrics is not None:
-                self.metrics.store(rule.action, time.perf_counter() - started, failed=True)
+            self.metrics.store(rule.action, time.perf_counter() - started, failed=True)
             raise
-        if self.metrics is not None:
-            self.metrics.store(rule.action, time.perf_counter() - started)
+        self.metrics.store(rule.action, time.perf_counter() - started)
         return decision
 
     def record_outcome(self, resource: str, outcome: str, project: str) -> None:
@@ -303,11 +310,10 @@ class QuotaMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                # A failed creation is refunded, so its headers show the usage without it.
-                used = decision.used if 200 <= status < 300 else decision.used - check.units
-                headers = check.headers(decision, used)
-                if headers:  # an unlimited resource adds none: forward the message as it is
-                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
+                if decision.limit >= 0:  # an unlimited resource adds no headers
+                    # A failed creation is refunded, so its headers show the usage without it.
+                    used = decision.used if 200 <= status < 300 else decision.used - check.units
+                    message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision, used)]}
             await send(message)
 
         keep = False
