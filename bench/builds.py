@@ -1,0 +1,130 @@
+"""Two builds of the middleware side by side: is a change faster, measured in one run.
+
+    .venv/bin/python bench/builds.py BASE [CHANGED]      # CHANGED defaults to the working tree
+    .venv/bin/python bench/builds.py 7533524 HEAD --leases on --rounds 8
+
+Each revision is checked out in a temporary git worktree (the working tree is used as it is) and
+serves its own ``bench/apps.py`` ``guarded_app`` (the guarded route of throughput.py) in its own
+uvicorn, 1 worker, with its own redis-server. wrk loads the two in interleaved rounds whose order
+alternates, so that a machine whose speed drifts hits both alike. It prints, per round and as
+medians over the rounds, req/s and the server's CPU per answered request, and the ratio
+CHANGED / BASE (of the medians, and the median of the per-round ratios). It exits 0 whatever
+the numbers. Needs git, wrk and Debian's redis-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
+from throughput import ROOT, Target, group_cpu, run_load, start_redis, wrk_command
+
+
+@dataclass
+class Build:
+    name: str
+    rev: str | None  # None: the working tree
+    tree: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    rps: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+
+def checkout(rev: str, tmp: Path) -> Path:
+    tree = tmp / f"tree-{rev.replace('/', '_')}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev],
+                   check=True, capture_output=True)
+    return tree
+
+
+def serve(procs: Procs, build: Build, redis_url: str, leases: bool) -> None:
+    build.port = free_port()
+    # The build's own package first: the tree is the working directory and on PYTHONPATH.
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(build.tree), "REDIS_URL": redis_url,
+           "QUOTA_LOCAL_LEASES": "1" if leases else "0"}
+    build.proc = procs.start([sys.executable, "-m", "uvicorn", "apps:guarded_app", "--app-dir",
+                              str(build.tree / "bench"), "--host", HOST, "--port", str(build.port),
+                              "--no-access-log", "--log-level", "warning"], cwd=build.tree, env=env)
+    wait_http(build.port, build.proc, "/health", 200)
+
+
+def load(procs: Procs, tmp: Path, build: Build, args: argparse.Namespace, measured: bool) -> None:
+    target = Target(build.name, build.name, "POST", "/v1/secrets", 201)
+    assert build.proc is not None
+    before = group_cpu(build.proc.pid)
+    duration = args.duration if measured else args.warmup
+    result = run_load(procs, wrk_command(target, build.port, args.connections, duration, tmp), duration)
+    after = group_cpu(build.proc.pid)
+    answered = result["statuses"].get("201", 0)
+    if not measured:
+        return
+    if answered == 0:
+        raise SystemExit(f"{build.name} answered no 201 (statuses {dict(result['statuses'])})")
+    build.rps.append(answered / result["seconds"])
+    if before is not None and after is not None:
+        build.cpu_us.append((after - before) * 1e6 / answered)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="the revision to compare against (any git revision)")
+    parser.add_argument("changed", nargs="?", help="the revision to measure (default: the working tree)")
+    parser.add_argument("--leases", choices=["on", "off"], default="off", help="local leases (off)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds; each loads both builds once (6)")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per round and build (3)")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per build first (1)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections (32)")
+    args = parser.parse_args()
+    if min(args.rounds, args.duration, args.connections) < 1 or args.warmup < 1:
+        parser.error("--rounds, --duration, --warmup and --connections must be at least 1")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="quota-builds-"))
+    trees: list[Path] = []
+    try:
+        builds = []
+        for name, rev in (("base", args.base), ("changed", args.changed)):
+            tree = ROOT if rev is None else checkout(rev, tmp)
+            if rev is not None:
+                trees.append(tree)
+            builds.append(Build(name, rev, tree))
+        for build in builds:
+            serve(procs, build, start_redis(procs, tmp, build.name).url, args.leases == "on")
+            load(procs, tmp, build, args, measured=False)
+        labels = {b.name: b.rev or "working tree" for b in builds}
+        print(f"base {labels['base']} vs changed {labels['changed']}; leases {args.leases}; 1 worker; "
+              f"wrk -t1 -c{args.connections}; {args.rounds} rounds x {args.duration} s, order alternating")
+        for i in range(args.rounds):
+            order = builds if i % 2 == 0 else builds[::-1]
+            for build in order:
+                load(procs, tmp, build, args, measured=True)
+            print(f"  round {i + 1}: " + ", ".join(
+                f"{b.name} {b.rps[-1]:,.0f} req/s {b.cpu_us[-1] if b.cpu_us else float('nan'):.0f} us/req"
+                for b in order))
+        base, changed = builds
+        paired = statistics.median(c / b for b, c in zip(base.rps, changed.rps))
+        for build in builds:
+            cpu = f"{statistics.median(build.cpu_us):.0f}" if build.cpu_us else "?"
+            print(f"{build.name:8s} {labels[build.name]:>14s}: median {statistics.median(build.rps):,.0f} req/s, "
+                  f"server CPU {cpu} us/req")
+        print(f"changed / base: {statistics.median(changed.rps) / statistics.median(base.rps):.2f}x "
+              f"(medians), {paired:.2f}x (paired)")
+        return 0
+    finally:
+        procs.stop_all()
+        for tree in trees:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
