@@ -38,10 +38,12 @@ class Build:
     cpu_us: list[float] = field(default_factory=list)
 
 
-def checkout(rev: str, tmp: Path) -> Path:
-    tree = tmp / f"tree-{rev.replace('/', '_')}"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev],
-                   check=True, capture_output=True)
+def checkout(name: str, rev: str, tmp: Path) -> Path:
+    tree = tmp / f"tree-{name}"
+    done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"could not check out {rev!r}: {done.stderr.strip()}")
     return tree
 
 
@@ -93,7 +95,7 @@ def main() -> int:
     try:
         builds = []
         for name, rev in (("base", args.base), ("changed", args.changed)):
-            tree = ROOT if rev is None else checkout(rev, tmp)
+            tree = ROOT if rev is None else checkout(name, rev, tmp)
             if rev is not None:
                 trees.append(tree)
             builds.append(Build(name, rev, tree))
