@@ -260,26 +260,23 @@ class QuotaMiddleware:
 
     def _decide(self, rule: Rule, check: _Check, limit: int) -> Awaitable[Decision]:
         """One atomic decision in the store (timed, when metrics are on)."""
-        if self.metrics is not None:
-            return self._decide_timed(rule, check, limit)
-        # The store's own coroutine, awaited by the caller: no frame of ours in between.
         if rule.action == "meter":
-            return self.store.check(check.bucket, limit, check.limit.scale)
-        return self.store.reserve(check.bucket, check.units, limit, self.lease_ms, check.limit.scale)
+            decision = self.store.check(check.bucket, limit, check.limit.scale)
+        else:
+            decision = self.store.reserve(check.bucket, check.units, limit, self.lease_ms, check.limit.scale)
+        # Without metrics the caller awaits the store's own coroutine: no frame of ours in between.
+        return decision if self.metrics is None else self._timed(rule.action, decision)
 
-    async def _decide_timed(self, rule: Rule, check: _Check, limit: int) -> Decision:
+    async def _timed(self, action: str, decision: Awaitable[Decision]) -> Decision:
         assert self.metrics is not None
         started = time.perf_counter()
         try:
-            if rule.action == "meter":
-                decision = await self.store.check(check.bucket, limit, check.limit.scale)
-            else:
-                decision = await self.store.reserve(check.bucket, check.units, limit, self.lease_ms, check.limit.scale)
+            result = await decision
         except StoreError:
-            self.metrics.store(rule.action, time.perf_counter() - started, failed=True)
+            self.metrics.store(action, time.perf_counter() - started, failed=True)
             raise
-        self.metrics.store(rule.action, time.perf_counter() - started)
-        return decision
+        self.metrics.store(action, time.perf_counter() - started)
+        return result
 
     def record_outcome(self, resource: str, outcome: str, project: str) -> None:
         """Report a decision's outcome to the metrics, when they are on."""

@@ -83,8 +83,6 @@ local function purge(counter, leases, settled, at)
 end
 
 -- An operator's override takes precedence over the limit the source gave (read in the same
--- atomic step, so a change applies to every worker's next decision).
--- An operator's override takes precedence over the limit the source gave (read in the same
 -- atomic step, so a change applies to every worker's next decision). Read once per call: a
 -- batch often holds several requests of one project.
 local override_of = {}
