@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn
-from .quotas import UNLIMITED, Limit
+from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
 from .rules import Rule, RuleTable
 from .sources.base import QuotaSource
@@ -206,7 +206,10 @@ class QuotaMiddleware:
         """
         shadow = self.shadow or rule.shadow
         try:
-            check = await self._check_for(scope, rule, project, resource)
+            quotas = self.cache.fresh(project)  # a warm project: no coroutine
+            if quotas is None:
+                quotas = await self.cache.get(project, scope["headers"])
+            check = self._check_for(quotas, scope, rule, project, resource)
         except IdentityError as exc:  # a cost the request made impossible to compute
             if shadow:
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
@@ -237,7 +240,8 @@ class QuotaMiddleware:
 
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
-            decision = await self._decide(rule, check, check.limit.value)
+            # A Decision is a non-empty tuple: `or` awaits the store only when it cannot answer in process.
+            decision = self._decide_nowait(rule, check) or await self._decide(rule, check, check.limit.value)
             if not decision.admitted:
                 self.record_outcome(resource, "shadow_rejected" if shadow else "rejected", project)
                 if not shadow:
@@ -257,6 +261,20 @@ class QuotaMiddleware:
         if self.metrics is not None:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
         return Admitted(check, decision)
+
+    def _decide_nowait(self, rule: Rule, check: _Check) -> Decision | None:
+        """The decision when the store has it in process (an open local lease, the memory store)."""
+        if rule.action == "meter":
+            return None
+        if self.metrics is None:
+            return self.store.reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
+                                             check.limit.scale)
+        started = time.perf_counter()
+        decision = self.store.reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
+                                             check.limit.scale)
+        if decision is not None:
+            self.metrics.store(rule.action, time.perf_counter() - started)
+        return decision
 
     def _decide(self, rule: Rule, check: _Check, limit: int) -> Awaitable[Decision]:
         """One atomic decision in the store (timed, when metrics are on)."""
@@ -283,8 +301,7 @@ class QuotaMiddleware:
         if self.metrics is not None:
             self.metrics.decision(resource, outcome, project)
 
-    async def _check_for(self, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
-        quotas = await self.cache.get(project, scope["headers"])
+    def _check_for(self, quotas: Quotas, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
         limit = quotas.limits.get(resource) or self._default
         now = self.clock()
         window = current_window(limit.window or rule.period, now)
@@ -323,7 +340,8 @@ class QuotaMiddleware:
                 if not keep:
                     self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
                 try:
-                    await (self.store.commit(reservation) if keep else self.store.refund(reservation))
+                    if not self.store.settle_nowait(reservation, keep):
+                        await (self.store.commit(reservation) if keep else self.store.refund(reservation))
                 except StoreError as exc:
                     logger.warning(SETTLE_FAILED, reservation.bucket.project, exc)
 

@@ -68,15 +68,28 @@ class QuotaCache:
         self._backoff: LRUCache[str, float] = LRUCache(maxsize=maxsize)
         self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
 
-    async def get(self, project: str, headers: Headers) -> Quotas:
-        """Effective quotas of ``project``; ``headers`` are the request's, read only on a miss."""
+    def fresh(self, project: str) -> Quotas | None:
+        """The project's quotas when they are at hand (no I/O, no coroutine); else None: await get().
+
+        At hand: a fresh copy in process, or a source that answers from memory.
+        """
+        if not self.source.cacheable:
+            return self.source.fetch_nowait(project)
         entry = self._local.get(project)
         if entry is not None and self._clock() < entry.fresh_until:
             if self._metrics is not None:
                 self._metrics.cache("hit")
             return entry.quotas
+        return None
+
+    async def get(self, project: str, headers: Headers) -> Quotas:
+        """Effective quotas of ``project``; ``headers`` are the request's, read only on a miss."""
+        quotas = self.fresh(project)
+        if quotas is not None:
+            return quotas
         if not self.source.cacheable:
             return await self.source.fetch(project, self._forwarded(headers))
+        entry = self._local.get(project)
         if self._metrics is not None:
             self._metrics.cache("miss")
         pending = self._inflight.get(project)

@@ -58,6 +58,29 @@ async def test_far_from_the_limit_most_admissions_stay_local(clock: FakeClock) -
     assert await inner.usage(B2) == 500  # unused block units went back
 
 
+async def test_an_open_block_decides_and_settles_without_a_coroutine(clock: FakeClock) -> None:
+    inner = CountingStore(clock)
+    leased = LeasingStore(inner, max_block=100, block_seconds=60)
+    assert leased.reserve_nowait(B2, 1, -1, LEASE_MS) is None  # no block yet: the store must be asked
+    first = await leased.reserve(B2, 1, -1, LEASE_MS)  # takes a block of 100
+    assert first.reservation and inner.reserves == 1
+    local = [leased.reserve_nowait(B2, 1, -1, LEASE_MS) for _ in range(50)]
+    assert all(d is not None and d.admitted for d in local) and inner.reserves == 1
+    for i, decision in enumerate(local):
+        assert decision is not None and decision.reservation
+        assert leased.settle_nowait(decision.reservation, keep=i < 20)
+    assert leased.settle_nowait(first.reservation, keep=True)
+    # A reservation the inner store decided (no block: where the project stands is not known yet)
+    # is the inner store's to settle: a memory store does it in process too.
+    own = await leased.reserve(Bucket("q", "secrets"), 1, 10, LEASE_MS)
+    assert own.reservation and inner.reserves == 2
+    assert leased.settle_nowait(own.reservation, True)
+    assert await inner.commits(Bucket("q", "secrets")) == 1
+    await leased.flush()
+    assert await inner.usage(B2) == 1 + 20  # the 30 refunded and the block's unused units went back
+    assert await inner.usage(Bucket("q", "secrets")) == 1
+
+
 async def test_near_the_limit_every_decision_goes_to_the_store(clock: FakeClock) -> None:
     inner = CountingStore(clock)
     leased = LeasingStore(inner)

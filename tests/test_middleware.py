@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import fakeredis
@@ -20,7 +20,10 @@ from middleware import (
     BarbicanSource,
     Bucket,
     ConfigurationError,
+    Limit,
     QuotaMiddleware,
+    Quotas,
+    QuotaSource,
     RedisStore,
     Rule,
     StaticSource,
@@ -261,6 +264,26 @@ async def test_per_project_static_quotas() -> None:
         big = [(await client.post("/things", headers={"X-Project-Id": "big"})).status_code for _ in range(4)]
         small = [(await client.post("/things", headers={"X-Project-Id": "small"})).status_code for _ in range(2)]
     assert big == [201, 201, 201, 403] and small == [201, 403]
+
+
+async def test_an_uncached_source_without_an_in_memory_answer_is_asked_every_time() -> None:
+    class LiveSource(QuotaSource):  # e.g. quotas read from the service's own database
+        cacheable = False
+
+        def __init__(self) -> None:
+            self.fetches = 0
+            self.limit = 3
+
+        async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
+            self.fetches += 1
+            return Quotas({"things": Limit(self.limit)})
+
+    source = LiveSource()
+    async with client_for(guarded(source=source)) as client:
+        first = [(await client.post("/things", headers=HEADERS)).status_code for _ in range(2)]
+        source.limit = 2  # takes effect on the next request: nothing was cached
+        second = [(await client.post("/things", headers=HEADERS)).status_code for _ in range(2)]
+    assert first == [201, 201] and second == [403, 403] and source.fetches == 4
 
 
 async def test_disabled_resource_rejects_every_create(store: Store) -> None:

@@ -133,6 +133,20 @@ async def test_concurrent_reserves_admit_exactly_the_limit(store: Store) -> None
     assert await store.usage(B) == 37
 
 
+async def test_nowait_calls_count_like_awaited_ones(store: Store) -> None:
+    # The middleware asks reserve_nowait / settle_nowait first and awaits only when a store has no
+    # answer in process; whichever way each call goes, the counting is the same.
+    decisions = [store.reserve_nowait(B, 1, 4, LEASE) or await store.reserve(B, 1, 4, LEASE) for _ in range(6)]
+    assert [d.admitted for d in decisions] == [True] * 4 + [False] * 2
+    for i, decision in enumerate(decisions[:4]):
+        assert decision.reservation
+        keep = i % 2 == 0
+        if not store.settle_nowait(decision.reservation, keep):
+            await (store.commit(decision.reservation) if keep else store.refund(decision.reservation))
+    await store.flush()
+    assert await store.usage(B) == 2
+
+
 async def test_flush_applies_handed_over_settlements(store: Store) -> None:
     decisions = await asyncio.gather(*(store.reserve(B, 1, 10, LEASE) for _ in range(10)))
     for i, decision in enumerate(decisions):

@@ -35,6 +35,10 @@ class QuotaSource(ABC):
     async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
         """Effective quotas of ``project``; ``headers`` holds the ``forward_headers`` present."""
 
+    def fetch_nowait(self, project: str) -> Quotas | None:
+        """``fetch`` for a source that answers from memory, with no I/O; None: await ``fetch``."""
+        return None
+
     async def aclose(self) -> None:
         """Release connections; called when the middleware shuts down."""
 

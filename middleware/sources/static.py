@@ -30,6 +30,9 @@ class StaticSource(QuotaSource):
             raise ConfigurationError(str(exc)) from None
 
     async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
+        return self.fetch_nowait(project)
+
+    def fetch_nowait(self, project: str) -> Quotas:
         return self._projects.get(project, self._default)
 
 

@@ -87,6 +87,14 @@ class Store(ABC):
         quota units: ``scale`` store units each); the decision carries the limit applied.
         """
 
+    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision | None:
+        """``reserve`` when the store can decide in process, with no I/O; None: await ``reserve``.
+
+        The middleware asks this first: a store that keeps the answer at hand (the memory store,
+        an open local lease) then costs no coroutine at all.
+        """
+        return None
+
     @abstractmethod
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
         """Admit a metered request while usage is below ``limit`` (or its override); reserves nothing."""
@@ -106,6 +114,10 @@ class Store(ABC):
     @abstractmethod
     async def refund(self, reservation: Reservation) -> None:
         """Give the reservation's cost back (once, even if the lease already expired)."""
+
+    def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
+        """``commit`` (keep) or ``refund`` when it needs no I/O; False: nothing done, await it instead."""
+        return False
 
     @abstractmethod
     async def release(self, bucket: Bucket, cost: int) -> int:

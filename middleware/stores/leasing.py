@@ -93,6 +93,9 @@ class LeasingStore(Store):
         self._last_used[bucket] = decision.used
         return decision
 
+    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision | None:
+        return self._take(bucket, cost, limit)
+
     def _block_size(self, bucket: Bucket, limit: int) -> int:
         if limit < 0:
             return self.max_block
@@ -141,22 +144,24 @@ class LeasingStore(Store):
     # -- settlement -----------------------------------------------------------------------------
 
     async def commit(self, reservation: Reservation) -> None:
-        block = self._block_of(reservation)
-        if block is None:
+        if not self.settle_nowait(reservation, True):
             await self.inner.commit(reservation)
-            return
-        cost = block.requests.pop(reservation.member, 0)
-        block.inflight -= cost
-        block.committed += cost
-        self._settle_if_done(block)
 
     async def refund(self, reservation: Reservation) -> None:
+        if not self.settle_nowait(reservation, False):
+            await self.inner.refund(reservation)
+
+    def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
+        """Settle a reservation taken from a local block (in process); False for the inner store's own."""
         block = self._block_of(reservation)
         if block is None:
-            await self.inner.refund(reservation)
-            return
-        block.inflight -= block.requests.pop(reservation.member, 0)  # back to the block's available units
+            return self.inner.settle_nowait(reservation, keep)
+        cost = block.requests.pop(reservation.member, 0)
+        block.inflight -= cost  # refunded: back to the block's available units
+        if keep:
+            block.committed += cost
         self._settle_if_done(block)
+        return True
 
     def _block_of(self, reservation: Reservation) -> _Block | None:
         if not reservation.member.startswith(_LOCAL):

@@ -66,6 +66,9 @@ class MemoryStore(Store):
         return -1 if override < 0 else override * scale
 
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
+        return self.reserve_nowait(bucket, cost, limit, lease_ms, scale)
+
+    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         limit = self._effective(bucket, limit, scale)
         now = self._now_ms()
         used = self._purge(bucket, now)
@@ -94,6 +97,16 @@ class MemoryStore(Store):
         return current
 
     async def commit(self, reservation: Reservation) -> None:
+        self._commit(reservation)
+
+    async def refund(self, reservation: Reservation) -> None:
+        self._refund(reservation)
+
+    def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
+        (self._commit if keep else self._refund)(reservation)
+        return True
+
+    def _commit(self, reservation: Reservation) -> None:
         bucket = reservation.bucket
         leases = self._leases.get(bucket)
         if leases is not None and leases.pop(reservation.member, None) is not None:
@@ -106,7 +119,7 @@ class MemoryStore(Store):
             self._used[bucket] = self._used.get(bucket, 0) + reservation.cost
             self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
 
-    async def refund(self, reservation: Reservation) -> None:
+    def _refund(self, reservation: Reservation) -> None:
         leases = self._leases.get(reservation.bucket)
         if leases is None or leases.pop(reservation.member, None) is None:
             self._expired.pop(reservation.member, None)
