@@ -320,7 +320,8 @@ class QuotaMiddleware:
                 client_gone = True
             return message
 
-        async def send_with_headers(message: Message) -> None:
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            # Not a coroutine of its own: the app awaits the server's send directly.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -328,7 +329,7 @@ class QuotaMiddleware:
                     # A failed creation is refunded, so its headers show the usage without it.
                     used = decision.used if 200 <= status < 300 else decision.used - check.units
                     message = {**message, "headers": [*message.get("headers", ()), *check.headers(decision, used)]}
-            await send(message)
+            return send(message)
 
         keep = False
         try:

@@ -18,8 +18,9 @@ admission must be decided centrally; it is off unless you ask for it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cachetools import LRUCache
 
@@ -28,7 +29,7 @@ from .base import Bucket, Decision, Reservation, Store, new_id
 
 logger = logging.getLogger("middleware.store")
 
-_LOCAL = "~"  # members of reservations taken from a local block start with this
+_LOCAL = "~"  # starts the members of reservations taken from a local block (never the inner store's)
 
 
 @dataclass(eq=False, slots=True)
@@ -41,9 +42,7 @@ class _Block:
     used_at_grant: int
     committed: int = 0
     inflight: int = 0
-    taken: int = 0
     open: bool = True
-    requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def available(self) -> int:
@@ -61,6 +60,9 @@ class LeasingStore(Store):
         self.block_seconds = block_seconds
         self._open: dict[Bucket, _Block] = {}
         self._unsettled: dict[str, _Block] = {}
+        #: Reservations taken from blocks and not settled yet: member -> (block, cost).
+        self._lent: dict[str, tuple[_Block, int]] = {}
+        self._members = itertools.count()
         self._granting: dict[Bucket, asyncio.Future[None]] = {}
         #: Store usage last seen per bucket, to size its next block. Bounded: one entry per bucket
         #: ever seen would grow with every project; a bucket that fell out is decided in the store
@@ -108,14 +110,14 @@ class LeasingStore(Store):
         block = self._open.get(bucket)
         if block is None:
             return None
-        if block.limit != limit or block.available < cost:
+        available = block.reservation.cost - block.committed - block.inflight
+        if block.limit != limit or available < cost:
             self._close(block)  # a changed limit, or not enough left: no more admissions from it
             return None
-        block.taken += 1
-        member = f"{_LOCAL}{block.id}:{block.taken}"
         block.inflight += cost
-        block.requests[member] = cost
-        estimate = block.used_at_grant - block.available
+        member = f"{_LOCAL}{next(self._members)}"
+        self._lent[member] = (block, cost)
+        estimate = block.used_at_grant - available + cost
         return Decision(True, estimate, limit, Reservation(bucket, cost, member, block.reservation.expires_ms))
 
     async def _grant(self, bucket: Bucket, size: int, cost: int, limit: int, lease_ms: int,
@@ -153,20 +155,15 @@ class LeasingStore(Store):
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
         """Settle a reservation taken from a local block (in process); False for the inner store's own."""
-        block = self._block_of(reservation)
-        if block is None:
+        lent = self._lent.pop(reservation.member, None)
+        if lent is None:
             return self.inner.settle_nowait(reservation, keep)
-        cost = block.requests.pop(reservation.member, 0)
+        block, cost = lent
         block.inflight -= cost  # refunded: back to the block's available units
         if keep:
             block.committed += cost
         self._settle_if_done(block)
         return True
-
-    def _block_of(self, reservation: Reservation) -> _Block | None:
-        if not reservation.member.startswith(_LOCAL):
-            return None
-        return self._unsettled.get(reservation.member[1:].split(":", 1)[0])
 
     def _close(self, block: _Block) -> None:
         if block.open:
