@@ -304,7 +304,8 @@ class QuotaMiddleware:
     def _check_for(self, quotas: Quotas, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
         limit = quotas.limits.get(resource) or self._default
         now = self.clock()
-        window = current_window(limit.window or rule.period, now)
+        period = limit.window or rule.period
+        window = None if period is None else current_window(period, now)  # None: a count quota
         return _Check(Bucket(project, resource, window), limit, rule.units(scope, limit.scale), now)
 
     async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, check: _Check,

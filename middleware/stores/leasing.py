@@ -74,7 +74,7 @@ class LeasingStore(Store):
     # -- admission ------------------------------------------------------------------------------
 
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
-        taken = self._take(bucket, cost, limit)
+        taken = self.reserve_nowait(bucket, cost, limit)
         if taken is not None:
             return taken
         settling = self._settling.get(bucket)
@@ -83,7 +83,7 @@ class LeasingStore(Store):
         granting = self._granting.get(bucket)
         if granting is not None:  # another request is fetching a block for this bucket: share it
             await asyncio.shield(granting)
-            taken = self._take(bucket, cost, limit)
+            taken = self.reserve_nowait(bucket, cost, limit)
             if taken is not None:
                 return taken
         size = self._block_size(bucket, limit)
@@ -95,9 +95,6 @@ class LeasingStore(Store):
         self._last_used[bucket] = decision.used
         return decision
 
-    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision | None:
-        return self._take(bucket, cost, limit)
-
     def _block_size(self, bucket: Bucket, limit: int) -> int:
         if limit < 0:
             return self.max_block
@@ -106,7 +103,8 @@ class LeasingStore(Store):
             return 0  # know where the project stands before leasing anything
         return min(self.max_block, (limit - used) // self.divisor)
 
-    def _take(self, bucket: Bucket, cost: int, limit: int) -> Decision | None:
+    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int = 0, scale: int = 1) -> Decision | None:
+        """Admit from the bucket's open block, in process; None when there is none or it falls short."""
         block = self._open.get(bucket)
         if block is None:
             return None
@@ -141,7 +139,7 @@ class LeasingStore(Store):
         self._open[bucket] = block
         self._unsettled[block.id] = block
         asyncio.get_running_loop().call_later(self.block_seconds, self._close, block)
-        return self._take(bucket, cost, limit)
+        return self.reserve_nowait(bucket, cost, limit)
 
     # -- settlement -----------------------------------------------------------------------------
 
@@ -162,7 +160,8 @@ class LeasingStore(Store):
         block.inflight -= cost  # refunded: back to the block's available units
         if keep:
             block.committed += cost
-        self._settle_if_done(block)
+        if not block.open:
+            self._settle_if_done(block)
         return True
 
     def _close(self, block: _Block) -> None:
