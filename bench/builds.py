@@ -5,8 +5,9 @@
 
 Each revision is checked out in a temporary git worktree (the working tree is used as it is) and
 serves its own ``bench/apps.py`` ``guarded_app`` (the guarded route of throughput.py) in its own
-uvicorn, 1 worker, with its own redis-server. wrk loads the two in interleaved rounds whose order
-alternates, so that a machine whose speed drifts hits both alike. It prints, per round and as
+uvicorn (1 worker; ``--workers N`` uses throughput.py's prefork launcher), with its own
+redis-server. wrk loads the two in interleaved rounds whose order alternates, so that a machine
+whose speed drifts hits both alike. It prints, per round and as
 medians over the rounds, req/s and the server's CPU per answered request, and the ratio
 CHANGED / BASE (of the medians, and the median of the per-round ratios). It exits 0 whatever
 the numbers. Needs git, wrk and Debian's redis-server.
@@ -15,6 +16,7 @@ the numbers. Needs git, wrk and Debian's redis-server.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
-from throughput import ROOT, Target, group_cpu, run_load, start_redis, wrk_command
+from throughput import ROOT, Target, group_cpu, run_load, server_impl, start_redis, wrk_command
 
 
 @dataclass
@@ -47,14 +49,21 @@ def checkout(name: str, rev: str, tmp: Path) -> Path:
     return tree
 
 
-def serve(procs: Procs, build: Build, redis_url: str, leases: bool) -> None:
+def serve(procs: Procs, build: Build, redis_url: str, leases: bool, workers: int) -> None:
     build.port = free_port()
     # The build's own package first: the tree is the working directory and on PYTHONPATH.
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(build.tree), "REDIS_URL": redis_url,
            "QUOTA_LOCAL_LEASES": "1" if leases else "0"}
-    build.proc = procs.start([sys.executable, "-m", "uvicorn", "apps:guarded_app", "--app-dir",
-                              str(build.tree / "bench"), "--host", HOST, "--port", str(build.port),
-                              "--no-access-log", "--log-level", "warning"], cwd=build.tree, env=env)
+    app_dir = str(build.tree / "bench")
+    if workers > 1:  # throughput.py's prefork launcher, serving the build's own bench/apps.py
+        loop, http = server_impl()
+        argv = [sys.executable, str(Path(__file__).resolve().with_name("throughput.py")), "_serve",
+                json.dumps({"app": "guarded_app", "app_dir": app_dir, "port": build.port, "workers": workers,
+                            "loop": loop, "http": http, "sockets": "reuseport"})]
+    else:
+        argv = [sys.executable, "-m", "uvicorn", "apps:guarded_app", "--app-dir", app_dir, "--host", HOST,
+                "--port", str(build.port), "--no-access-log", "--log-level", "warning"]
+    build.proc = procs.start(argv, cwd=build.tree, env=env)
     wait_http(build.port, build.proc, "/health", 200)
 
 
@@ -84,9 +93,10 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=3, help="seconds per round and build (3)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per build first (1)")
     parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections (32)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per build (1)")
     args = parser.parse_args()
-    if min(args.rounds, args.duration, args.connections) < 1 or args.warmup < 1:
-        parser.error("--rounds, --duration, --warmup and --connections must be at least 1")
+    if min(args.rounds, args.duration, args.connections, args.workers) < 1 or args.warmup < 1:
+        parser.error("--rounds, --duration, --warmup, --connections and --workers must be at least 1")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     procs = Procs()
@@ -100,10 +110,11 @@ def main() -> int:
                 trees.append(tree)
             builds.append(Build(name, rev, tree))
         for build in builds:
-            serve(procs, build, start_redis(procs, tmp, build.name).url, args.leases == "on")
+            serve(procs, build, start_redis(procs, tmp, build.name).url, args.leases == "on", args.workers)
             load(procs, tmp, build, args, measured=False)
         labels = {b.name: b.rev or "working tree" for b in builds}
-        print(f"base {labels['base']} vs changed {labels['changed']}; leases {args.leases}; 1 worker; "
+        print(f"base {labels['base']} vs changed {labels['changed']}; leases {args.leases}; "
+              f"{args.workers} worker{'s' if args.workers > 1 else ''}; "
               f"wrk -t1 -c{args.connections}; {args.rounds} rounds x {args.duration} s, order alternating")
         for i in range(args.rounds):
             order = builds if i % 2 == 0 else builds[::-1]

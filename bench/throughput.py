@@ -230,6 +230,9 @@ def _serve(spec: dict[str, Any]) -> None:
     """
     import uvicorn
 
+    if "app_dir" in spec:  # builds.py: another tree's bench/apps.py
+        sys.path.insert(0, spec["app_dir"])
+
     def listening_socket() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
