@@ -261,7 +261,7 @@ async def test_paused_redis_bounds_latency_by_the_store_timeout_and_spares_ungua
 async def test_calls_cut_off_in_flight_never_answer_later_ones(redis_proc: RedisServer, clock: FakeClock) -> None:
     """Several script calls are in flight on one connection: a timeout must not leave a reply behind."""
     assert redis_proc.process is not None
-    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, pipeline=3, clock=clock)
     buckets = [Bucket(f"p{i}", "things") for i in range(6)]
     for used, bucket in enumerate(buckets, start=1):
         await store.charge(bucket, used)

@@ -333,7 +333,8 @@ async def test_configuration_errors_are_raised_at_start(bad: dict[str, Any]) -> 
 @pytest.mark.parametrize("rule", [lambda: Rule("POST", "things", "t"), lambda: Rule("POST", "/a/{b", "t"),
                                   lambda: Rule("POST", "/a", "t", cost=-1), lambda: Rule("POST", "/a", "t", cost="abc"),
                                   lambda: Rule("POST", "/a", "t", action="eat"),  # type: ignore[arg-type]
-                                  lambda: StaticSource({"t": "3"})])  # type: ignore[dict-item]
+                                  lambda: StaticSource({"t": "3"}),  # type: ignore[dict-item]
+                                  lambda: RedisStore("redis://127.0.0.1:1/0", pipeline=0)])
 def test_bad_rules_and_static_limits_are_configuration_errors(rule: Any) -> None:
     with pytest.raises(ConfigurationError):
         rule()

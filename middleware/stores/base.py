@@ -116,7 +116,8 @@ class Store(ABC):
         """Give the reservation's cost back (once, even if the lease already expired)."""
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
-        """``commit`` (keep) or ``refund`` when it needs no I/O; False: nothing done, await it instead."""
+        """``commit`` (keep) or ``refund`` when nothing needs awaiting (done in process, or handed
+        over to be applied later); False: nothing done, await the coroutine instead."""
         return False
 
     @abstractmethod

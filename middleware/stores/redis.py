@@ -3,10 +3,10 @@
 All operations one process issues within one event-loop tick (and while earlier round trips are
 in flight) go to Redis as a single script call: one round trip decides a whole batch of
 requests, atomically and in order. At low load a batch holds one operation and costs one round
-trip; under load the Redis cost per request falls. On one Redis, up to MAX_PIPELINED calls are
-in flight on one connection, which Redis runs in the order they were written, so a later
-operation (a usage read, say) always sees the settlements handed over before it. (On a cluster,
-one batch at a time, split by hash slot.)
+trip; under load the Redis cost per request falls. On one Redis, calls travel on one connection
+(up to ``pipeline`` in flight at once), which Redis runs in the order they were written, so a
+later operation (a usage read, say) always sees the settlements handed over before it. (On a
+cluster, one batch at a time, split by hash slot.)
 
 Commits and refunds are handed over without waiting for the answer: the response is already on
 its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
@@ -33,7 +33,7 @@ from hiredis import pack_command
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from ..errors import StoreError
+from ..errors import ConfigurationError, StoreError
 from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key
 from .base import Bucket, Decision, Reservation, Store, new_id, new_member
 
@@ -51,12 +51,9 @@ UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_tex
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
-#: Script calls in flight at once on the batch connection of one Redis. From idle, the first call
-#: takes only a share of what waits (at least FIRST_CALL_MIN operations): its answers come back,
-#: and their requests get going again, while Redis still runs the rest. One call at a time left
-#: the worker idle for every call's whole run in Redis (interleaved wrk runs of both: +14% for 2 in
-#: flight, +21% for 3).
-MAX_PIPELINED = 3
+#: With ``pipeline`` > 1, the first call from idle takes only a share of what waits (at least
+#: FIRST_CALL_MIN operations): its answers come back, and their requests get going again, while
+#: Redis still runs the rest.
 FIRST_CALL_MIN = 8
 
 
@@ -103,7 +100,9 @@ class RedisStore(Store):
     shares_cache = True
 
     def __init__(self, redis: str | aioredis.Redis | RedisCluster, *, prefix: str = "quota:",
-                 timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+                 timeout: float = 1.0, pipeline: int = 1, clock: Callable[[], float] = time.time) -> None:
+        if pipeline < 1:
+            raise ConfigurationError(f"pipeline must be at least 1, got {pipeline!r}")
         if isinstance(redis, str):
             # No socket timeout (redis-py's default is 5 s): every call is bounded by ``timeout``
             # here (see _guard), and a socket timeout wraps each write and read in a task of its
@@ -115,6 +114,12 @@ class RedisStore(Store):
         self.client = redis
         self.prefix = prefix
         self.timeout = timeout
+        #: Script calls in flight at once on one Redis. More than one only pays where the worker
+        #: would otherwise sit idle through a round trip and the machine has CPU to spare: each
+        #: extra call makes batches smaller, and a batch's fixed cost is most of a call's. On this
+        #: project's 2-core machine (bench/builds.py, interleaved rounds) 1 was as fast as 3 with one
+        #: uvicorn worker and 7% faster with two.
+        self.pipeline = pipeline
         self._clock = clock
         # register_script does no I/O; each call tries EVALSHA and reloads the script on NOSCRIPT.
         self._script = redis.register_script(BATCH_SCRIPT)
@@ -158,12 +163,16 @@ class RedisStore(Store):
         return (await self._call(bucket, "x", used))[1]
 
     async def commit(self, reservation: Reservation) -> None:
-        self._enqueue(_op(self.prefix, reservation.bucket, "c", reservation.cost, 0, reservation.member,
-                          retry_since=time.monotonic()))
+        self.settle_nowait(reservation, True)
 
     async def refund(self, reservation: Reservation) -> None:
-        self._enqueue(_op(self.prefix, reservation.bucket, "f", reservation.cost, 0, reservation.member,
-                          retry_since=time.monotonic()))
+        self.settle_nowait(reservation, False)
+
+    def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
+        """Hand the settlement over; nobody waits for it (it is sent again until Redis applies it)."""
+        self._enqueue(_op(self.prefix, reservation.bucket, "c" if keep else "f", reservation.cost, 0,
+                          reservation.member, retry_since=time.monotonic()))
+        return True
 
     async def release(self, bucket: Bucket, cost: int) -> int:
         """Give ``cost`` back; if Redis fails, the release is sent again until it is applied (once)."""
@@ -244,11 +253,16 @@ class RedisStore(Store):
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 await asyncio.gather(*(self._send_bounded(group) for group in self._by_slot(batch)))
             return
+        if self.pipeline == 1:  # one call at a time: no task of its own per call
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._send(batch)
+            return
         loop = asyncio.get_running_loop()
         in_flight: set[asyncio.Task[None]] = set()
         while self._queue or in_flight:
-            if self._queue and len(in_flight) < MAX_PIPELINED:
-                size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // MAX_PIPELINED))
+            if self._queue and len(in_flight) < self.pipeline:
+                size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // self.pipeline))
                 batch, self._queue = self._queue[:size], self._queue[size:]
                 in_flight.add(loop.create_task(self._send(batch)))
                 continue
