@@ -19,6 +19,7 @@ Scope = dict[str, Any]
 IdentityFn = Callable[[Scope], "str | bytes | None"]
 
 MAX_PROJECT_LENGTH = 255
+MAX_REMEMBERED = 4096
 
 
 class HeaderIdentity:
@@ -56,9 +57,23 @@ class Identity:
             raise ConfigurationError(f"identity must be a callable taking the ASGI scope, got {fn!r}")
         self._fn = fn
         self.description = getattr(fn, "description", "the project identity")
+        #: Raw values already found valid -> the project. A few projects send most requests;
+        #: cleared when full, so a flood of distinct ids costs no more than checking each.
+        self._valid: dict[str | bytes, str] = {}
 
     def __call__(self, scope: Scope) -> str:
         raw = self._fn(scope)
+        if type(raw) is not bytes and type(raw) is not str:
+            return self._check(raw)
+        project = self._valid.get(raw)
+        if project is None:
+            project = self._check(raw)  # raises for an invalid one, which is not remembered
+            if len(self._valid) >= MAX_REMEMBERED:
+                self._valid.clear()
+            self._valid[raw] = project
+        return project
+
+    def _check(self, raw: str | bytes | None) -> str:
         if raw is None or len(raw) == 0:
             raise IdentityError(f"No project identity: {self.description} is missing.", status_code=401)
         if isinstance(raw, bytes):

@@ -2,7 +2,7 @@
 
 A rule is an HTTP method plus a path template (``/v1/secrets/{id}``). All templates of one method
 are compiled into a single regular expression at start-up, so a request that no rule guards costs
-one dict lookup and one failed regex match.
+a few dict lookups and one failed regex match (a path without parameters is found by a dict lookup).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class Rule:
     #: Decide and count, but never refuse: for rolling a new quota out.
     shadow: bool = False
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
-    _period: Period | None = field(default=None, init=False, repr=False, compare=False)
+    #: ``window`` parsed (None: a count quota, unless the source reports a window).
+    period: Period | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", self.method.upper())
@@ -85,11 +86,7 @@ class Rule:
         if self.action not in _ACTIONS:
             raise ConfigurationError(f"rule action must be one of {_ACTIONS}, got {self.action!r}")
         if self.window is not None:
-            object.__setattr__(self, "_period", Period.parse(self.window))
-
-    @property
-    def period(self) -> Period | None:
-        return self._period
+            object.__setattr__(self, "period", Period.parse(self.window))
 
     def pattern(self, named: bool = False) -> str:
         """The template as a regex fragment; a trailing slash is optional."""
@@ -136,8 +133,26 @@ class RuleTable:
             alternatives = "|".join(f"({rule.pattern()})" for rule in method_rules)
             self._table[method] = (re.compile(f"(?:{alternatives})/?"), tuple(method_rules))
         self.rules = tuple(rule for group in by_method.values() for rule in group)
+        # A path with no parameters is looked up before any regex runs, with the answer the regex
+        # gives for it (an earlier template may claim the same path).
+        self._exact: dict[str, dict[str, Rule]] = {}
+        for rule in self.rules:
+            if "{" not in rule.path:
+                base = rule.path.rstrip("/")
+                for path in (base or "/", base + "/"):
+                    found = self._match_pattern(rule.method, path)
+                    if found is not None:
+                        self._exact.setdefault(rule.method, {})[path] = found
 
     def match(self, method: str, path: str) -> Rule | None:
+        exact = self._exact.get(method)
+        if exact is not None:
+            rule = exact.get(path)
+            if rule is not None:
+                return rule
+        return self._match_pattern(method, path)
+
+    def _match_pattern(self, method: str, path: str) -> Rule | None:
         entry = self._table.get(method)
         if entry is None:
             return None

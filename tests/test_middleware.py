@@ -30,6 +30,7 @@ from middleware import (
     Store,
     problem_json,
 )
+from middleware.identity import MAX_REMEMBERED
 from tests.conftest import FakeClock
 from tests.upstreams import FakeBarbican
 
@@ -160,6 +161,18 @@ async def test_bad_identity_is_a_clear_4xx(project: str | None, status: int) -> 
     assert response.status_code == status
     body = response.json()
     assert body["code"] == status and "X-Project-Id" in body["description"]
+
+
+async def test_identities_checked_once_stay_checked_and_bounded() -> None:
+    mw = guarded(limit=-1)
+    async with client_for(mw) as client:
+        for _ in range(2):  # a bad id is refused every time, never remembered as good
+            assert (await client.post("/things", headers={"X-Project-Id": "a\x01b"})).status_code == 400
+        many = [f"p{i}" for i in range(MAX_REMEMBERED + 10)]
+        statuses = {(await client.post("/things", headers={"X-Project-Id": p})).status_code for p in many}
+    assert statuses == {201}
+    assert len(mw.identity._valid) <= MAX_REMEMBERED  # a flood of distinct ids does not grow it
+    assert await usage(mw, "p1") == 1 and await usage(mw, many[-1]) == 1
 
 
 async def test_identity_from_a_callable() -> None:
