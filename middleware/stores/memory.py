@@ -71,9 +71,13 @@ class MemoryStore(Store):
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         limit = self._effective(bucket, limit, scale)
         now = self._now_ms()
-        used = self._purge(bucket, now)
+        used = self._used.get(bucket, 0)
         if 0 <= limit < used + cost:
-            return Decision(False, used, limit)
+            # Expired leases only matter when they stand between a request and its limit: look
+            # for them then (and on every read of the usage), not on every admission.
+            used = self._purge(bucket, now)
+            if limit < used + cost:
+                return Decision(False, used, limit)
         used += cost
         self._used[bucket] = used
         reservation = Reservation(bucket, cost, new_member(cost), now + lease_ms)
