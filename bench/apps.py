@@ -2,6 +2,10 @@
 
 - ``bare_app``: a tiny Starlette app: ``POST /v1/secrets`` -> 201 with a small JSON body,
   ``GET /health`` -> 200.
+- ``minimal_app``: the same app behind the least any quota middleware does in process, for
+  calibration (not a product: no limits, no store, no validation): match the route, read the
+  project header, count in a dict, watch the status to take a failed creation back. Its ratio to
+  bare is the most a middleware can reach on the machine, measured in the same run.
 - ``guarded_app``: the same app wrapped in QuotaMiddleware, one rule on ``POST /v1/secrets``,
   a limit of -1 (unlimited: every request still reserves and commits in Redis, the limit is
   never reached) and ``RedisStore(REDIS_URL)``; with ``QUOTA_LOCAL_LEASES=1``, local leases on
@@ -39,6 +43,34 @@ def build_app() -> Starlette:
     ])
 
 
+class MinimalCounting:
+    """See ``minimal_app`` above."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.used: dict[bytes, int] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/secrets":
+            await self.app(scope, receive, send)
+            return
+        project = next((value for key, value in scope["headers"] if key == b"x-project-id"), b"")
+        self.used[project] = self.used.get(project, 0) + 1
+        status = 0
+
+        def send_watching(message: dict[str, Any]) -> Any:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_watching)
+        finally:
+            if not 200 <= status < 300:
+                self.used[project] -= 1
+
+
 def build_guarded_app(redis_url: str) -> QuotaMiddleware:
     return QuotaMiddleware(
         build_app(),
@@ -51,6 +83,7 @@ def build_guarded_app(redis_url: str) -> QuotaMiddleware:
 
 
 bare_app = build_app()
+minimal_app = MinimalCounting(build_app())
 _guarded: QuotaMiddleware | None = None
 
 
