@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/overhead.py                  # ~30 s
     .venv/bin/python bench/overhead.py --requests 50000 --repeats 7
+    PYTHONPATH=/tmp/old .venv/bin/python bench/overhead.py  # the middleware of a worktree at /tmp/old
 
 Drives ASGI apps directly, with 32 requests in flight (one coroutine per connection, like
 keep-alive clients), and reports the worker's CPU per request (``time.process_time``; Redis's own
@@ -35,7 +36,7 @@ from apps import build_app  # bench/apps.py: sys.path[0] is bench/
 from procs import Procs
 from throughput import ROOT, start_redis
 
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after PYTHONPATH: PYTHONPATH=<a worktree> measures that build
 from middleware import MemoryStore, QuotaMiddleware, RedisStore, Rule, StaticSource  # noqa: E402
 
 App = Callable[..., Awaitable[None]]
