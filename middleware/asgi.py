@@ -15,11 +15,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn
+from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
 from .rules import Rule, RuleTable
@@ -64,8 +65,8 @@ def _check_policy(name: str, value: str) -> Policy:
     return value  # type: ignore[return-value]
 
 
-# Built on every guarded request, and never changed: plain slotted classes, which cost about 60%
-# of a named tuple to make (Bucket, which is hashed, stays one).
+# Built on every guarded request, and never changed: a plain slotted class costs about 60% of a
+# named tuple to make (Admitted, which callers of admit() may unpack, stays one).
 @dataclass(slots=True, eq=False)
 class _Check:
     """What one guarded request is checked against."""
@@ -99,12 +100,19 @@ class _Check:
                          retry_after=None if window is None else window.end - self.now, headers=self.headers(decision))
 
 
-@dataclass(slots=True, eq=False)
-class Admitted:
+class Admitted(NamedTuple):
     """A request the store admitted: what it was checked against, and the decision."""
 
     check: _Check
     decision: Decision
+
+
+def _no_answer(*args: Any) -> None:
+    return None  # the store's own reserve() must decide (see middleware/nowait.py)
+
+
+def _not_settled(*args: Any) -> bool:
+    return False  # the store's own commit() / refund() must settle
 
 
 def _in_quota_units(units: int, scale: int) -> float:
@@ -150,6 +158,10 @@ class QuotaMiddleware:
         store = store if store is not None else MemoryStore(clock=clock)
         # Local leases only pay where a round trip is saved: around a shared store.
         self.store = LeasingStore(store) if local_leases and store.shares_cache else store
+        self._reserve_nowait = self.store.reserve_nowait if nowait_usable(self.store, "reserve_nowait", "reserve") \
+            else _no_answer
+        self._settle_nowait = self.store.settle_nowait \
+            if nowait_usable(self.store, "settle_nowait", "commit", "refund") else _not_settled
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self._default = Limit(self.default_limit)
@@ -271,11 +283,11 @@ class QuotaMiddleware:
         if rule.action == "meter":
             return None
         if self.metrics is None:
-            return self.store.reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
-                                             check.limit.scale)
+            return self._reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
+                                        check.limit.scale)
         started = time.perf_counter()
-        decision = self.store.reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
-                                             check.limit.scale)
+        decision = self._reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
+                                        check.limit.scale)
         if decision is not None:
             self.metrics.store(rule.action, time.perf_counter() - started)
         return decision
@@ -346,7 +358,7 @@ class QuotaMiddleware:
                 if not keep:
                     self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
                 try:
-                    if not self.store.settle_nowait(reservation, keep):
+                    if not self._settle_nowait(reservation, keep):
                         await (self.store.commit(reservation) if keep else self.store.refund(reservation))
                 except StoreError as exc:
                     logger.warning(SETTLE_FAILED, reservation.bucket.project, exc)

@@ -23,6 +23,7 @@ from cachetools import LRUCache
 
 from .errors import SourceError, SourceInvalid, SourceRejected, SourceUnavailable, StoreError
 from .keys import quotas_key
+from .nowait import nowait_usable
 from .quotas import Quotas
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Store
@@ -67,6 +68,7 @@ class QuotaCache:
         #: project -> clock time before which the upstream is not asked again (after a failure).
         self._backoff: LRUCache[str, float] = LRUCache(maxsize=maxsize)
         self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
+        self._fetch_nowait = nowait_usable(source, "fetch_nowait", "fetch")
 
     def fresh(self, project: str) -> Quotas | None:
         """The project's quotas when they are at hand (no I/O, no coroutine); else None: await get().
@@ -74,7 +76,7 @@ class QuotaCache:
         At hand: a fresh copy in process, or a source that answers from memory.
         """
         if not self.source.cacheable:
-            return self.source.fetch_nowait(project)
+            return self.source.fetch_nowait(project) if self._fetch_nowait else None
         entry = self._local.get(project)
         if entry is not None and self._clock() < entry.fresh_until:
             if self._metrics is not None:

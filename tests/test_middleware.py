@@ -21,6 +21,7 @@ from middleware import (
     Bucket,
     ConfigurationError,
     Limit,
+    MemoryStore,
     QuotaMiddleware,
     Quotas,
     QuotaSource,
@@ -297,6 +298,35 @@ async def test_an_uncached_source_without_an_in_memory_answer_is_asked_every_tim
         source.limit = 2  # takes effect on the next request: nothing was cached
         second = [(await client.post("/things", headers=HEADERS)).status_code for _ in range(2)]
     assert first == [201, 201] and second == [403, 403] and source.fetches == 4
+
+
+async def test_a_subclass_that_overrides_the_coroutines_has_them_called() -> None:
+    calls: list[str] = []
+
+    class AuditedStore(MemoryStore):  # overrides reserve/commit/refund, not their *_nowait fast paths
+        async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("reserve")
+            return await super().reserve(*args, **kwargs)
+
+        async def commit(self, reservation: Any) -> None:
+            calls.append("commit")
+            await super().commit(reservation)
+
+        async def refund(self, reservation: Any) -> None:
+            calls.append("refund")
+            await super().refund(reservation)
+
+    class AuditedSource(StaticSource):
+        async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
+            calls.append("fetch")
+            return await super().fetch(project, headers)
+
+    mw = guarded(AuditedStore(), source=AuditedSource({"things": 5}))
+    async with client_for(mw) as client:
+        assert (await client.post("/things", headers=HEADERS)).status_code == 201
+        assert (await client.post("/fail", headers=HEADERS)).status_code == 409
+    assert calls == ["fetch", "reserve", "commit", "fetch", "reserve", "refund"]
+    assert await usage(mw) == 1
 
 
 async def test_disabled_resource_rejects_every_create(store: Store) -> None:

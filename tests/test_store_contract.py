@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from middleware import Bucket, Decision, RedisStore, Store, StoreError
+from middleware import Bucket, Decision, MemoryStore, RedisStore, Store, StoreError
 from middleware.keys import counter_keys
 from middleware.stores.base import WINDOW_GRACE_MS
+from middleware.stores.memory import SWEEP_EVERY_MS
 from middleware.windows import Period
 from tests.conftest import FakeClock
 
@@ -258,3 +259,19 @@ async def test_settlements_sent_twice_count_once(store: Store, clock: FakeClock)
         await store.commit(late.reservation)
     await store.flush()
     assert await store.usage(B) == 2
+
+
+# -- the memory store's own housekeeping ------------------------------------------------------------
+
+async def test_memory_store_gives_back_expired_leases_that_never_stood_in_the_way(clock: FakeClock) -> None:
+    # Admissions below the limit do not look for expired leases; the periodic sweep does, so
+    # requests that outlived their lease are neither counted nor kept for long.
+    store = MemoryStore(clock=clock)
+    for _ in range(1000):
+        assert (await store.reserve(B, 1, -1, 1_000)).admitted  # never settled
+    clock.advance(SWEEP_EVERY_MS / 1000 + 1)
+    decision = await store.reserve(B, 1, -1, LEASE)
+    assert decision.used == 1
+    assert sum(len(leases) for leases in store._leases.values()) == 1
+    await store.refund(decision.reservation)  # type: ignore[arg-type]
+    assert await store.usage(B) == 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from ..errors import StoreError
+from ..nowait import nowait_usable
 from .base import Bucket, Decision, Reservation, Store, new_id
 
 logger = logging.getLogger("middleware.store")
@@ -54,6 +55,7 @@ class LeasingStore(Store):
                  max_buckets: int = 16_384) -> None:
         self.inner = inner
         self.shares_cache = inner.shares_cache
+        self._inner_settles_nowait = nowait_usable(inner, "settle_nowait", "commit", "refund")
         #: A block is at most 1/divisor of what remains in the store.
         self.divisor = divisor
         self.max_block = max_block
@@ -155,7 +157,7 @@ class LeasingStore(Store):
         """Settle a reservation taken from a local block (in process); False for the inner store's own."""
         lent = self._lent.pop(reservation.member, None)
         if lent is None:
-            return self.inner.settle_nowait(reservation, keep)
+            return self._inner_settles_nowait and self.inner.settle_nowait(reservation, keep)
         block, cost = lent
         block.inflight -= cost  # refunded: back to the block's available units
         if keep:

@@ -37,11 +37,17 @@ class MemoryStore(Store):
         return now
 
     def _sweep(self, now: int) -> None:
-        """Forget windowed buckets whose keys would have expired in Redis."""
+        """Forget windowed buckets whose keys would have expired in Redis; give back expired leases.
+
+        Admissions look for expired leases only when one stands in the way: the sweep bounds how
+        long the others are still counted, and kept.
+        """
         self._next_sweep = now + SWEEP_EVERY_MS
         for bucket in [b for b in self._used if 0 < b.expires_ms <= now]:
             del self._used[bucket]
             self._leases.pop(bucket, None)
+        for bucket in list(self._leases):
+            self._purge(bucket, now)
         for member in [m for m, until in self._expired.items() if until <= now]:
             del self._expired[member]
 
