@@ -17,7 +17,8 @@ CPU is not in it), the minimum over the repeats, for:
 Across runs of one build, the trivial app's overheads with the memory store and with leases on
 moved by about 0.1 us; leases off (round trips, batch sizes) and the Starlette rows by up to a
 few us. Far steadier than throughput.py's req/s: a change to the hot path shows here first, and
-throughput.py says what it is worth behind a real server. Starts its own redis-server (Debian's) on a free loopback port. Exits 0.
+throughput.py says what it is worth behind a real server. Starts its own redis-server (Debian's)
+on a free loopback port. Exits 0.
 """
 
 from __future__ import annotations

@@ -282,13 +282,10 @@ class QuotaMiddleware:
         """The decision when the store has it in process (an open local lease, the memory store)."""
         if rule.action == "meter":
             return None
-        if self.metrics is None:
-            return self._reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
-                                        check.limit.scale)
-        started = time.perf_counter()
+        started = time.perf_counter() if self.metrics is not None else 0.0
         decision = self._reserve_nowait(check.bucket, check.units, check.limit.value, self.lease_ms,
                                         check.limit.scale)
-        if decision is not None:
+        if decision is not None and self.metrics is not None:
             self.metrics.store(rule.action, time.perf_counter() - started)
         return decision
 

@@ -105,7 +105,8 @@ class LeasingStore(Store):
             return 0  # know where the project stands before leasing anything
         return min(self.max_block, (limit - used) // self.divisor)
 
-    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int = 0, scale: int = 1) -> Decision | None:
+    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int = 0,
+                       scale: int = 1) -> Decision | None:
         """Admit from the bucket's open block, in process; None when there is none or it falls short."""
         block = self._open.get(bucket)
         if block is None:
