@@ -21,11 +21,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
+from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
 from throughput import ROOT, Target, group_cpu, run_load, server_impl, start_redis, wrk_command
 
 
@@ -99,8 +98,11 @@ def main() -> int:
         parser.error("--rounds, --duration, --warmup, --connections and --workers must be at least 1")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
-    procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="quota-builds-"))
+    with workspace("quota-builds-") as (procs, tmp):
+        return compare(procs, tmp, args)
+
+
+def compare(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
     trees: list[Path] = []
     try:
         builds = []
@@ -133,10 +135,9 @@ def main() -> int:
               f"(medians), {paired:.2f}x (paired)")
         return 0
     finally:
-        procs.stop_all()
+        procs.stop_all()  # the servers first: they run from the worktrees
         for tree in trees:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

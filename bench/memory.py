@@ -40,10 +40,8 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -254,7 +252,8 @@ def main() -> int:
         parser.error("--projects, --concurrency and --jobs must be at least 1")
 
     sys.path.insert(0, str(HERE))
-    from throughput import Procs, git_state, start_redis  # the same redis-server harness
+    from procs import workspace
+    from throughput import git_state, start_redis  # the same redis-server harness
 
     checkpoints = sorted({max(1, args.projects // 100), max(1, args.projects // 10), max(1, args.projects // 2),
                           args.projects})
@@ -262,39 +261,35 @@ def main() -> int:
     print(f"{args.projects:,} distinct projects per configuration through one QuotaMiddleware (in-process ASGI calls, "
           f"{args.concurrency} in flight), limit {args.limit}; checkpoints {', '.join(f'{c:,}' for c in checkpoints)}; "
           f"{args.jobs} configuration(s) at a time")
-    procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="quota-mem-"))
     started = time.monotonic()
     try:
-        redises = {c: start_redis(procs, tmp, c) for c in configs if c in NEEDS_REDIS}
-        pending = list(configs)
-        running: list[tuple[str, subprocess.Popen[str]]] = []
-        results: dict[str, list[dict[str, Any]]] = {}
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                config = pending.pop(0)
-                spec = {"config": config, "checkpoints": checkpoints, "concurrency": args.concurrency,
-                        "limit": args.limit, "tracemalloc": args.tracemalloc,
-                        "redis_url": redises[config].url if config in redises else None}
-                running.append((config, start_config(procs, spec)))
-            config, proc = running.pop(0)
-            results[config] = collect(proc, timeout=3600)
-            procs.procs.remove(proc)
-            print(f"  {config}: done after {time.monotonic() - started:.0f} s", flush=True)
-        for config in configs:
-            info = None
-            if config in redises:
-                client = redises[config].client
-                info = {"keys": client.dbsize(), "used_memory": int(client.info("memory")["used_memory"])}
-            report(config, results[config], info, args.tracemalloc)
-        print(f"\n(run took {time.monotonic() - started:.0f} s)")
-        return 0
+        with workspace("quota-mem-") as (procs, tmp):
+            redises = {c: start_redis(procs, tmp, c) for c in configs if c in NEEDS_REDIS}
+            pending = list(configs)
+            running: list[tuple[str, subprocess.Popen[str]]] = []
+            results: dict[str, list[dict[str, Any]]] = {}
+            while pending or running:
+                while pending and len(running) < args.jobs:
+                    config = pending.pop(0)
+                    spec = {"config": config, "checkpoints": checkpoints, "concurrency": args.concurrency,
+                            "limit": args.limit, "tracemalloc": args.tracemalloc,
+                            "redis_url": redises[config].url if config in redises else None}
+                    running.append((config, start_config(procs, spec)))
+                config, proc = running.pop(0)
+                results[config] = collect(proc, timeout=3600)
+                procs.procs.remove(proc)
+                print(f"  {config}: done after {time.monotonic() - started:.0f} s", flush=True)
+            for config in configs:
+                info = None
+                if config in redises:
+                    client = redises[config].client
+                    info = {"keys": client.dbsize(), "used_memory": int(client.info("memory")["used_memory"])}
+                report(config, results[config], info, args.tracemalloc)
+            print(f"\n(run took {time.monotonic() - started:.0f} s)")
+            return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

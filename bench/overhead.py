@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from apps import build_app  # bench/apps.py: sys.path[0] is bench/
-from procs import Procs
+from procs import workspace
 from throughput import ROOT, start_redis
 
 sys.path.append(str(ROOT))  # after PYTHONPATH: PYTHONPATH=<a worktree> measures that build
@@ -118,14 +115,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.requests < CONNECTIONS or args.repeats < 1:
         parser.error(f"--requests must be at least {CONNECTIONS} and --repeats at least 1")
-    procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="quota-overhead-"))
-    try:
+    with workspace("quota-overhead-") as (procs, tmp):
         asyncio.run(measure(start_redis(procs, tmp).url, args.requests, args.repeats))
-        return 0
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """Subprocess plumbing shared by the benchmark scripts: every process in its own group, all
-stopped at the end, free loopback ports, waiting for a server to answer."""
+stopped at the end (with a scratch directory: ``workspace``), free loopback ports, waiting for a
+server to answer."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
@@ -44,6 +50,19 @@ class Procs:
                 self.stop(proc)
             except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
+
+
+@contextmanager
+def workspace(prefix: str) -> Iterator[tuple[Procs, Path]]:
+    """Processes to start and a scratch directory; on the way out, every process is stopped and
+    the directory removed, however the run ended."""
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield procs, tmp
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

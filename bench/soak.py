@@ -38,13 +38,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
+from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -341,19 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or (args.chaos and args.duration < 10):
         parser.error("--duration must be positive (at least 10 with --chaos)")
 
-    procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="qm-soak-"))
-
     def on_signal(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
+    with workspace("qm-soak-") as (procs, tmp):
         return run(args, procs, tmp)
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procs import HOST, Procs, free_port, wait_http  # bench/procs.py: sys.path[0] is bench/
+from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -882,16 +881,12 @@ def main() -> int:
 
     # Ctrl-C and SIGTERM both unwind through the finally below.
     signal.signal(signal.SIGTERM, terminated)
-    procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="quota-bench-"))
     try:
-        return run(procs, tmp, args)
+        with workspace("quota-bench-") as (procs, tmp):
+            return run(procs, tmp, args)
     except KeyboardInterrupt:
-        print("\ninterrupted; stopping servers", file=sys.stderr)
+        print("\ninterrupted; servers stopped", file=sys.stderr)
         return 130
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
