@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
 from procs import workspace  # bench/procs.py: sys.path[0] is bench/
 from throughput import ROOT, start_redis
@@ -29,7 +30,7 @@ from middleware.stores.base import Bucket, Reservation  # noqa: E402
 PROJECTS = 8
 
 
-async def measure(url: str, client: object, batch: int, calls: int) -> tuple[float, float]:
+async def measure(url: str, client: Any, batch: int, calls: int) -> tuple[float, float]:
     """Redis script us per request, redis-server CPU us per request, for ``calls`` calls of ``batch``."""
     store = RedisStore(url)
     buckets = [Bucket(f"project-{i}", "secrets") for i in range(PROJECTS)]
@@ -46,16 +47,16 @@ async def measure(url: str, client: object, batch: int, calls: int) -> tuple[flo
 
     for i in range(50):  # warm-up: script loaded, keys created
         held = await one_call(i * batch)
-    client.config_resetstat()  # type: ignore[attr-defined]
-    cpu = client.info("cpu")  # type: ignore[attr-defined]
+    client.config_resetstat()
+    cpu = client.info("cpu")
     before = cpu["used_cpu_user"] + cpu["used_cpu_sys"]
     for i in range(calls):
         held = await one_call(i * batch)
     for reservation in held:
         store.settle_nowait(reservation, True)
     await store.aclose()
-    cpu = client.info("cpu")  # type: ignore[attr-defined]
-    stats = client.info("commandstats")["cmdstat_evalsha"]  # type: ignore[attr-defined]
+    cpu = client.info("cpu")
+    stats = client.info("commandstats")["cmdstat_evalsha"]
     requests = calls * batch
     if stats["calls"] > calls + 1:  # + the last commits
         raise SystemExit(f"{stats['calls']} script calls for {calls} batches: the batches were split")
