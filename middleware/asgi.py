@@ -25,7 +25,7 @@ from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
 from .rules import Rule, RuleTable
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Decision, Store
+from .stores.base import Bucket, Decision, Reservation, Store
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .windows import current_window
@@ -350,15 +350,20 @@ class QuotaMiddleware:
             await self.app(scope, receive_watching, send_with_headers)
             keep = 200 <= status < 300 and not client_gone
         finally:
-            reservation = decision.reservation
-            if reservation is not None:  # admitted decisions always carry one
-                if not keep:
-                    self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
-                try:
-                    if not self._settle_nowait(reservation, keep):
-                        await (self.store.commit(reservation) if keep else self.store.refund(reservation))
-                except StoreError as exc:
-                    logger.warning(SETTLE_FAILED, reservation.bucket.project, exc)
+            if decision.reservation is not None:  # admitted decisions always carry one
+                await self.settle(decision.reservation, keep)
+
+    async def settle(self, reservation: Reservation, keep: bool) -> None:
+        """Keep (commit) or give back (refund) an admitted request's reservation, for the middleware
+        and the FastAPI dependency alike; a store failure is logged, never raised (the response is
+        already on its way, and an unsettled lease expires by itself)."""
+        if not keep:
+            self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
+        try:
+            if not self._settle_nowait(reservation, keep):
+                await (self.store.commit(reservation) if keep else self.store.refund(reservation))
+        except StoreError as exc:
+            logger.warning(SETTLE_FAILED, reservation.bucket.project, exc)
 
     async def _run_metered(self, scope: Scope, receive: Receive, send: Send, check: _Check,
                            decision: Decision) -> None:

@@ -79,10 +79,9 @@ def guard(quota: QuotaMiddleware, resource: str, *, cost: Any = 1,
             yield outcome.decision
         except BaseException:
             if reservation is not None:
-                quota.record_outcome(resource, "refunded", project)
-                await quota.store.refund(reservation)
+                await quota.settle(reservation, keep=False)
             raise
         if reservation is not None:
-            await quota.store.commit(reservation)
+            await quota.settle(reservation, keep=True)
 
     return dependency
