@@ -23,7 +23,7 @@ from .identity import Identity, IdentityFn
 from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
-from .rules import Rule, RuleTable
+from .rules import Rule, RuleTable, route_path
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Reservation, Store
 from .stores.leasing import LeasingStore
@@ -184,7 +184,7 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        rule = self.rules.match(scope["method"], scope["path"])
+        rule = self.rules.match(scope["method"], route_path(scope))
         if rule is None:
             await self.app(scope, receive, send)
             return

@@ -105,7 +105,7 @@ class Rule:
             return resource
         if self._pattern is None:
             return self.resource
-        match = self._pattern.fullmatch(scope["path"])
+        match = self._pattern.fullmatch(route_path(scope))
         params = match.groupdict() if match else {}
         return _PLACEHOLDER.sub(lambda m: params.get(m.group(1), ""), self.resource)
 
@@ -117,6 +117,23 @@ class Rule:
             return _units(self.cost(scope), scale)
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise IdentityError(f"Could not compute the cost of this request: {exc}") from None
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The path the application routes on: ``path`` without the ``root_path`` before it.
+
+    Under ``uvicorn --root-path /api``, a Starlette ``Mount`` or a FastAPI sub-application,
+    ``path`` is the full path (``/api/v1/secrets``) and ``root_path`` the prefix (``/api``), as the
+    ASGI spec says. Starlette's router strips the prefix exactly like this (its private
+    ``get_route_path``), so a rule matches whatever route the application itself matched.
+    """
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if not root or not path.startswith(root):
+        return path  # mounted at the root, or a server that strips the prefix itself
+    if len(path) == len(root):
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
 
 
 class RuleTable:
