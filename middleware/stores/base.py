@@ -63,6 +63,20 @@ _PROCESS = os.urandom(6).hex()
 _SEQUENCE = itertools.count()
 
 
+def _new_process() -> None:
+    """A forked child (gunicorn --preload, multiprocessing) is a new process: a prefix of its own.
+
+    Without this, children forked after ``import middleware`` share the parent's prefix and
+    counter, and hand out the very same ids.
+    """
+    global _PROCESS, _SEQUENCE
+    _PROCESS = os.urandom(6).hex()
+    _SEQUENCE = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_process)
+
+
 def new_id() -> str:
     """An id no other reservation, release or block of any process shares."""
     return f"{_PROCESS}{next(_SEQUENCE):x}"
