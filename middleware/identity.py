@@ -18,6 +18,7 @@ Scope = dict[str, Any]
 #: Any callable taking the ASGI scope and returning the raw project id, or None when absent.
 IdentityFn = Callable[[Scope], "str | bytes | None"]
 
+AMBIGUOUS = "{what} appears more than once: an ambiguous project identity is refused."
 MAX_PROJECT_LENGTH = 255
 MAX_REMEMBERED = 4096
 
@@ -30,10 +31,15 @@ class HeaderIdentity:
         self.description = f"the {name} header"
 
     def __call__(self, scope: Scope) -> bytes | None:
+        found: bytes | None = None
         for key, value in scope["headers"]:
             if key == self._name:
-                return value  # type: ignore[no-any-return]
-        return None
+                if found is not None:
+                    # Two layers (or a client and a layer) disagree, or may: which one to trust
+                    # is not ours to guess.
+                    raise IdentityError(AMBIGUOUS.format(what=self.description))
+                found = value
+        return found
 
 
 class ScopeStateIdentity:
