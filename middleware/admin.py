@@ -77,7 +77,7 @@ class QuotaAdmin:
     quota source, read through a quota cache over ``store`` (so the shared copy the middleware's
     workers keep is used); without one, ``/v1/quotas`` shows overrides and defaults only.
     ``resources``: resource names always shown (with ``default_limit`` when neither the source nor
-    an override mentions them). ``identity``: who the caller of ``/v1/quotas`` is, as for the
+    an override mentions them); when given, a PUT of any other resource is refused (400). ``identity``: who the caller of ``/v1/quotas`` is, as for the
     middleware. ``key_prefix`` must match the middleware's (default: the store's own prefix).
 
     The admin never closes the store or the source: whoever made them does.
@@ -192,6 +192,11 @@ class QuotaAdmin:
         if media_type != "application/json":
             raise AdminError(415, f"Unsupported media type {media_type or 'none'!r}: send application/json.")
         values = _parse_overrides(await _read_body(request))
+        unknown = sorted(set(values) - set(self.resources)) if self.resources else []
+        if unknown:
+            # An override nothing counts against (a typo) would be accepted and enforce nothing.
+            raise AdminError(400, f"Invalid project quotas: unknown resource(s) {', '.join(map(repr, unknown))}; "
+                                  f"known: {', '.join(self.resources)}.")
         # PUT replaces the whole set, in one atomic step in the store (null: the source's limit).
         await self.store.set_overrides(project, values, replace=True)
         return Response(status_code=204)

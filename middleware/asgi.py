@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, Protocol
 
+from . import options
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn
@@ -47,6 +48,8 @@ class QuotaMetricsLike(Protocol):
     def cache(self, result: str) -> None: ...
     def store(self, operation: str, seconds: float, failed: bool = False) -> None: ...
 
+_METRICS_METHODS = ("decision", "admitted", "fetch", "cache", "store")
+
 logger = logging.getLogger("middleware")
 
 OVER_QUOTA = "Quota exceeded for project {project}: {resource} allows {limit}{per}, {used} already in use."
@@ -57,6 +60,10 @@ FAILED_OPEN = "admitting %s %s for project %r without a quota check (fail_open):
 SHADOW_REJECTED = "shadow mode: would have refused project %r %s: %s"
 SHADOW_PASSED = "shadow mode: letting %s %s through: %s"
 SETTLE_FAILED = "could not settle usage of project %r: %s"
+UNREPORTED = ("quota source %r reports no limit for resource %r (it reported: %s); the default limit applies "
+              "(%s). Check the rule's resource name, or the resources the source reads (resources=...).")
+#: Resource names are bounded by the rules, but a computed one (from a path parameter) is not.
+MAX_WARNED = 1024
 
 
 def _check_policy(name: str, value: str) -> Policy:
@@ -150,8 +157,23 @@ class QuotaMiddleware:
     ) -> None:
         if not isinstance(source, QuotaSource):
             raise ConfigurationError(f"source must be a QuotaSource (BarbicanSource, StaticSource, ...), got {source!r}")
-        if lease_seconds <= 0 or cache_ttl <= 0 or stale_ttl < 0:
-            raise ConfigurationError("lease_seconds and cache_ttl must be positive, stale_ttl not negative")
+        if store is not None and not isinstance(store, Store):
+            raise ConfigurationError(f"store must be a Store (MemoryStore, RedisStore, ...) or None, got {store!r}")
+        options.function("app", app, "an ASGI app")
+        default_limit = options.integer("default_limit", default_limit)
+        for name, value in (("cache_ttl", cache_ttl), ("lease_seconds", lease_seconds), ("retry_after", retry_after)):
+            options.number(name, value, positive=True)
+        options.number("stale_ttl", stale_ttl, minimum=0)
+        options.number("cache_jitter", cache_jitter, minimum=0, maximum=1)
+        options.integer("cache_size", cache_size, minimum=1)
+        options.flag("local_leases", local_leases)
+        options.flag("shadow", shadow)
+        options.function("renderer", renderer, "a callable taking a Rejection (barbican_error, problem_json)")
+        options.function("clock", clock, "a callable returning epoch seconds")
+        options.text("key_prefix", key_prefix)
+        if metrics is not None and not all(callable(getattr(metrics, name, None)) for name in _METRICS_METHODS):
+            raise ConfigurationError(f"metrics must be a QuotaMetrics (or have {', '.join(_METRICS_METHODS)}), "
+                                     f"got {metrics!r}")
         self.app = app
         self.rules = RuleTable(rules)
         self.source = source
@@ -165,6 +187,8 @@ class QuotaMiddleware:
         self.identity = Identity(identity)
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self._default = Limit(self.default_limit)
+        #: Resources the source did not report, already warned about (see _unreported).
+        self._warned: set[str] = set()
         self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
                                 maxsize=cache_size, prefix=key_prefix, clock=clock, metrics=metrics)
         self.lease_ms = int(lease_seconds * 1000)
@@ -315,11 +339,25 @@ class QuotaMiddleware:
             self.metrics.decision(resource, outcome, project)
 
     def _check_for(self, quotas: Quotas, scope: Scope, rule: Rule, project: str, resource: str) -> _Check:
-        limit = quotas.limits.get(resource) or self._default
+        limit = quotas.limits.get(resource)
+        if limit is None:
+            limit = self._unreported(resource, quotas)
         now = self.clock()
         period = limit.window or rule.period
         window = None if period is None else current_window(period, now)  # None: a count quota
         return _Check(Bucket(project, resource, window), limit, rule.units(scope, limit.scale), now)
+
+    def _unreported(self, resource: str, quotas: Quotas) -> Limit:
+        """The default limit, for a resource the source did not report; said once per resource.
+
+        Most often a typo in a rule, or a source told to read other resources (``resources=``):
+        silently unlimited is the worst way to find out.
+        """
+        if resource not in self._warned and len(self._warned) < MAX_WARNED:
+            self._warned.add(resource)
+            logger.warning(UNREPORTED, self.source.namespace, resource, ", ".join(sorted(quotas.limits)) or "none",
+                           "unlimited" if self.default_limit < 0 else self.default_limit)
+        return self._default
 
     async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, check: _Check,
                             decision: Decision) -> None:

@@ -154,15 +154,21 @@ async def test_project_quotas_status_codes_and_put_replaces_the_whole_set(store:
         assert_error(await client.delete("/v1/project-quotas/p"), 404)
         assert (await client.get("/v1/project-quotas")).json() == {"project_quotas": [], "total": 0}
 
+        # A resource outside `resources` (a typo) would enforce nothing: refused, nothing written.
+        unknown = await put(client, "p", {"project_quotas": {"secrets": 50, "credits": 0}})
+        assert_error(unknown, 400)
+        assert "'credits'" in unknown.json()["description"]
+        assert await store.overrides("p") == {}
+
         created = await put(client, "p", {"project_quotas": {"secrets": 50, "orders": None, "containers": -5,
-                                                             "credits": 0}})
+                                                             "cas": 0}})
         assert created.status_code == 204 and created.content == b""
         shown = await client.get("/v1/project-quotas/p")
         assert shown.status_code == 200
         # Barbican's shape: null where the default applies; any negative value reads as -1.
         assert shown.json() == {"project_quotas": {"secrets": 50, "orders": None, "containers": -1,
-                                                   "consumers": None, "cas": None, "credits": 0}}
-        assert await store.overrides("p") == {"secrets": 50, "containers": -1, "credits": 0}
+                                                   "consumers": None, "cas": 0}}
+        assert await store.overrides("p") == {"secrets": 50, "containers": -1, "cas": 0}
 
         # PUT replaces: what the body does not name (or names null) falls back to the source.
         assert (await put(client, "p", {"project_quotas": {"orders": 3}})).status_code == 204
