@@ -14,7 +14,7 @@ from .errors import (
 from .identity import HeaderIdentity, ScopeStateIdentity
 from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Rendered, barbican_error, problem_json
-from .rules import Rule
+from .rules import Rule, confirm_release
 from .sources import BarbicanSource, CaptainDataSource, HTTPSource, JSONSource, LatitudeSource, QuotaSource, StaticSource
 from .windows import Period, Window
 from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Reservation, Store
@@ -55,5 +55,6 @@ __all__ = [
     "StoreError",
     "Window",
     "barbican_error",
+    "confirm_release",
     "problem_json",
 ]

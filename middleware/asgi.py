@@ -24,7 +24,7 @@ from .identity import Identity, IdentityFn
 from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Renderer, barbican_error, format_amount, ratelimit_headers
-from .rules import Rule, RuleTable, route_path
+from .rules import RELEASE_CONFIRMED, Rule, RuleTable, route_path
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Reservation, Store
 from .stores.leasing import LeasingStore
@@ -224,7 +224,7 @@ class QuotaMiddleware:
                 await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
         if rule.action == "release":
-            await self._release(scope, receive, send, Bucket(project, resource), units)
+            await self._release(scope, receive, send, Bucket(project, resource), units, rule.confirm)
             return
         outcome = await self.admit(scope, rule, project, resource)
         if outcome is None:
@@ -428,8 +428,15 @@ class QuotaMiddleware:
                 except StoreError as exc:
                     logger.warning(SETTLE_FAILED, check.bucket.project, exc)
 
-    async def _release(self, scope: Scope, receive: Receive, send: Send, bucket: Bucket, units: int) -> None:
+    async def _release(self, scope: Scope, receive: Receive, send: Send, bucket: Bucket, units: int,
+                       confirm: bool) -> None:
         status = 0
+        state: MutableMapping[str, Any] | None = None
+        if confirm:
+            # Made here, so that the app's state is this very dict even if something copies the scope;
+            # a mark already there (from an outer layer) is not the app's.
+            state = scope.setdefault("state", {})
+            state.pop(RELEASE_CONFIRMED, None)
 
         async def send_watching(message: Message) -> None:
             nonlocal status
@@ -438,7 +445,7 @@ class QuotaMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_watching)
-        if 200 <= status < 300:
+        if 200 <= status < 300 and (state is None or state.get(RELEASE_CONFIRMED) is True):
             self.record_outcome(bucket.resource, "released", bucket.project)
             try:
                 await self.store.release(bucket, units)

@@ -61,6 +61,9 @@ class Rule:
     window: str | float | Period | None = None
     #: Decide and count, but never refuse: for rolling a new quota out.
     shadow: bool = False
+    #: ``release`` only: give quota back only when the app confirms that it deleted something
+    #: (:func:`confirm_release`), not on every 2xx (idempotent deletes answer 204 for any id).
+    confirm: bool = False
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     #: ``window`` parsed (None: a count quota, unless the source reports a window).
     period: Period | None = field(default=None, init=False, repr=False, compare=False)
@@ -87,6 +90,8 @@ class Rule:
             raise ConfigurationError(f"rule action must be one of {_ACTIONS}, got {self.action!r}")
         if self.window is not None:
             object.__setattr__(self, "period", Period.parse(self.window))
+        if self.confirm and self.action != "release":
+            raise ConfigurationError(f"confirm=True is for release rules; {self.method} {self.path} is {self.action!r}")
 
     def pattern(self, named: bool = False) -> str:
         """The template as a regex fragment; a trailing slash is optional."""
@@ -117,6 +122,20 @@ class Rule:
             return _units(self.cost(scope), scale)
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise IdentityError(f"Could not compute the cost of this request: {exc}") from None
+
+
+#: Where :func:`confirm_release` leaves its mark: the request's ``scope["state"]``.
+RELEASE_CONFIRMED = "quota_middleware.release_confirmed"
+
+
+def confirm_release(request: Any) -> None:
+    """Confirm, from the app, that this delete removed something: its ``confirm=True`` rule releases.
+
+    ``request`` is a Starlette/FastAPI ``Request`` or the ASGI scope itself. The mark lives in the
+    request's state, which the app and the middleware share.
+    """
+    scope = getattr(request, "scope", request)
+    scope.setdefault("state", {})[RELEASE_CONFIRMED] = True
 
 
 def route_path(scope: dict[str, Any]) -> str:
