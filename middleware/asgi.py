@@ -200,6 +200,9 @@ class QuotaMiddleware:
         #: Decide and count as in enforcement, but never refuse (per rule: Rule(..., shadow=True)).
         self.shadow = shadow
         self.metrics = metrics
+        data_lost = getattr(metrics, "data_lost", None)
+        if callable(data_lost):
+            self.store.on_data_loss(data_lost)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

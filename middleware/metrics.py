@@ -15,6 +15,8 @@ with ``per_project=True`` (every project becomes a time series: mind your Promet
 - ``quota_cache_total{result}``: quota cache lookups (hit, shared_hit, miss).
 - ``quota_store_seconds{operation}`` and ``quota_store_errors_total{operation}``: the store's
   latency as requests see it, and its failures.
+- ``quota_store_data_lost_total``: times the store was seen to have lost usage data (Redis
+  restarted without persistence, flushed, or evicting keys): alert on any increase.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class QuotaMetrics:
                                                   buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
         self._store_errors = prometheus_client.Counter(f"{namespace}_store_errors", "Store failures",
                                                        ["operation"], registry=self.registry)
+        self._data_lost = prometheus_client.Counter(f"{namespace}_store_data_lost",
+                                                    "Times the store was seen to have lost usage data",
+                                                    registry=self.registry)
 
     def decision(self, resource: str, outcome: str, project: str) -> None:
         if self.per_project:
@@ -70,6 +75,9 @@ class QuotaMetrics:
         self._store.labels(operation).observe(seconds)
         if failed:
             self._store_errors.labels(operation).inc()
+
+    def data_lost(self) -> None:
+        self._data_lost.inc()
 
     def asgi_app(self) -> Any:
         """The exposition endpoint as an ASGI app, to mount at ``/metrics``."""

@@ -47,6 +47,9 @@ class Reconciler:
         self.usage = usage
         self.targets = targets
         self._task: asyncio.Task[None] | None = None
+        # A store that lost its data (Redis restarted empty, evicting) heals from the app's truth:
+        # every target at once, in the one process the store picks.
+        store.on_data_loss(self.run_once, heal=True)
 
     async def reconcile(self, project: str, resource: str) -> Correction:
         """Set one counter to the true usage; returns what it was and what it is now."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ..windows import Window
 
@@ -179,6 +180,11 @@ class Store(ABC):
 
     async def unlock(self, key: str, token: str) -> None:
         """Give the lock back if ``token`` still holds it."""
+
+    def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
+        """Call ``callback`` (a function, or one returning an awaitable) when the store notices it lost
+        usage data; with ``heal``, only in the one process chosen to repair it. A store that cannot
+        lose data without its process (the memory store) never calls it."""
 
     async def flush(self) -> None:
         """Wait until every settlement handed to the store so far is applied."""

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -236,6 +238,9 @@ class LeasingStore(Store):
 
     async def overridden_projects(self) -> list[str]:
         return await self.inner.overridden_projects()
+
+    def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
+        self.inner.on_data_loss(callback, heal=heal)
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
         return await self.inner.try_lock(key, token, ttl_ms)

@@ -36,6 +36,7 @@ from redis.crc import key_slot
 from ..errors import ConfigurationError, StoreError
 from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key
 from .base import Bucket, Decision, Reservation, Store, new_id, new_member
+from .integrity import IntegrityWatch
 
 logger = logging.getLogger("middleware.store")
 
@@ -100,7 +101,8 @@ class RedisStore(Store):
     shares_cache = True
 
     def __init__(self, redis: str | aioredis.Redis | RedisCluster, *, prefix: str = "quota:",
-                 timeout: float = 1.0, pipeline: int = 1, clock: Callable[[], float] = time.time) -> None:
+                 timeout: float = 1.0, pipeline: int = 1, integrity_interval: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
         if pipeline < 1:
             raise ConfigurationError(f"pipeline must be at least 1, got {pipeline!r}")
         if isinstance(redis, str):
@@ -141,6 +143,8 @@ class RedisStore(Store):
         self._retry_timer: asyncio.TimerHandle | None = None
         # A cluster client refuses, rather than waits for, a connection past its pool's size.
         self._sending = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        #: Notices a Redis that lost its data (see integrity.py); checked alongside the batches.
+        self.integrity = IntegrityWatch(redis, prefix, interval=integrity_interval)
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -218,6 +222,9 @@ class RedisStore(Store):
     async def unlock(self, key: str, token: str) -> None:
         await self._guard(self._unlock_script(keys=[key], args=[token]))
 
+    def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
+        self.integrity.on_loss(callback, heal=heal)
+
     async def flush(self) -> None:
         """Wait for what was handed over; settlements waiting to be sent again are not waited for."""
         while self._worker is not None and not self._worker.done():
@@ -280,6 +287,7 @@ class RedisStore(Store):
         return list(groups.values())
 
     async def _send(self, ops: Sequence[_Op]) -> None:
+        self.integrity.poll()
         keys: list[str] = []
         first: dict[str, int] = {}  # a bucket's keys travel once per call, whatever its operations
         args: list[Any] = [int(self._clock() * 1000)]
@@ -338,6 +346,7 @@ class RedisStore(Store):
                 # write and per read. Given back as it came (see aclose).
                 self._socket_timeout, connection.socket_timeout = connection.socket_timeout, None
                 self._batch_connection = connection
+                self.integrity.soon()  # a new connection may be to a Redis that restarted empty
             connection, generation = self._batch_connection, self._generation
             previous, read = self._last_read, asyncio.get_running_loop().create_future()
             self._last_read = read
