@@ -75,6 +75,15 @@ class IntegrityWatch:
         self._next = time.monotonic() + self.interval
         self._task = asyncio.get_running_loop().create_task(self._check_quietly())
 
+    async def aclose(self) -> None:
+        """Stop a check under way (the store is closing its connections)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
     async def _check_quietly(self) -> None:
         try:
             await self.check()

@@ -232,6 +232,7 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         await self.flush()
+        await self.integrity.aclose()
         if self._batch_connection is not None:
             connection, self._batch_connection = self._batch_connection, None
             connection.socket_timeout = self._socket_timeout
