@@ -1,10 +1,13 @@
 """quota-middleware: enforce upstream quotas at the edge of an ASGI app."""
 
-from .asgi import Admitted, QuotaMiddleware
+from .asgi import QuotaMiddleware
+from .engine import Admitted, Charge, Demand, QuotaEngine
 from .errors import (
     ConfigurationError,
+    CostError,
     IdentityError,
     QuotaError,
+    RequestError,
     SourceError,
     SourceInvalid,
     SourceRejected,
@@ -25,8 +28,11 @@ __all__ = [
     "BarbicanSource",
     "Bucket",
     "CaptainDataSource",
+    "Charge",
     "ConfigurationError",
+    "CostError",
     "Decision",
+    "Demand",
     "HTTPSource",
     "HeaderIdentity",
     "IdentityError",
@@ -36,6 +42,7 @@ __all__ = [
     "Limit",
     "MemoryStore",
     "Period",
+    "QuotaEngine",
     "QuotaError",
     "QuotaMiddleware",
     "QuotaSource",
@@ -43,6 +50,7 @@ __all__ = [
     "RedisStore",
     "Rejection",
     "Rendered",
+    "RequestError",
     "Reservation",
     "Rule",
     "ScopeStateIdentity",

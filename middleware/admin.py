@@ -40,7 +40,7 @@ from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas
 from .sources.base import QuotaSource
 from .stores.base import Store
 
-logger = logging.getLogger("middleware.admin")
+logger = logging.getLogger("quota_middleware.admin")
 
 #: Barbican's paging defaults (``default_limit_paging``, ``max_limit_paging``).
 DEFAULT_PAGE = 10

@@ -3,7 +3,9 @@
 Runtime failures share one root; configuration mistakes stand apart::
 
     QuotaError                  a failure while serving a request
-    ├── IdentityError           the request names no usable project (client's fault, 4xx)
+    ├── RequestError            the request itself is unusable (client's fault, 4xx)
+    │   ├── IdentityError       it names no usable project
+    │   └── CostError           its cost cannot be computed
     ├── SourceError             the quota API could not give an answer
     │   ├── SourceUnavailable   network error, timeout, 5xx, 429 (retry later)
     │   ├── SourceRejected      401/403/404: the upstream refused this caller (never cached)
@@ -22,12 +24,20 @@ class QuotaError(Exception):
     """Root of every runtime failure of the middleware."""
 
 
-class IdentityError(QuotaError):
-    """The request carries no project identity, or one we refuse to key anything by."""
+class RequestError(QuotaError):
+    """The request itself cannot be counted: the client's fault, answered with ``status_code``."""
 
     def __init__(self, message: str, *, status_code: int = 400) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class IdentityError(RequestError):
+    """The request carries no project identity, or one we refuse to key anything by."""
+
+
+class CostError(RequestError):
+    """The request's cost could not be computed (a cost function failed or returned no number)."""
 
 
 class SourceError(QuotaError):

@@ -7,9 +7,9 @@
     @app.post("/v1/secrets", status_code=201)
     async def create(decision: Decision = Depends(guard(quota, "secrets"))): ...
 
-The dependency decides before the endpoint runs, with the middleware's own ``admit`` (identity,
-cached quotas, one atomic reservation in the store; its failure policies, shadow mode and metrics)
-and settles after it: it keeps the reservation when the endpoint returns and gives it back when
+The dependency decides before the endpoint runs, with the middleware's identity and its engine
+(cached quotas, one atomic reservation in the store; its failure policies, shadow mode and
+metrics) and settles after it: it keeps the reservation when the endpoint returns and gives it back when
 the endpoint raises (an HTTPException included). Unlike the middleware it cannot see the status
 of a response the endpoint builds itself, so return errors by raising them. A request let through
 uncounted (``fail_open`` while the store fails, or shadow mode without an identity) gets an
@@ -25,11 +25,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .asgi import QuotaMiddleware, Rule
-from .errors import IdentityError
+from .asgi import QuotaMiddleware
+from .engine import Demand
+from .errors import RequestError
 from .quotas import UNLIMITED
 from .rendering import Rejection
+from .rules import CostFn, cost_of
 from .stores.base import Decision
+from .windows import Period
 
 __all__ = ["QuotaRefused", "guard", "quota_refused_handler"]
 
@@ -53,22 +56,25 @@ async def quota_refused_handler(request: Request, exc: Exception) -> Response:
     return Response(rendered.body, status_code=rendered.status, headers=headers)
 
 
-def guard(quota: QuotaMiddleware, resource: str, *, cost: Any = 1,
-          window: str | float | None = None) -> Callable[[Request], AsyncIterator[Decision]]:
+def guard(quota: QuotaMiddleware, resource: str, *, cost: Any | CostFn = 1, window: str | float | None = None,
+          shadow: bool = False) -> Callable[[Request], AsyncIterator[Decision]]:
     """A dependency that consumes ``cost`` of ``resource`` for the request's project."""
-    rule = Rule("POST", "/", resource, cost=cost, window=window)  # method and path are not matched here
+    period = None if window is None else Period.parse(window)
+    if not callable(cost):
+        cost_of(cost, {})  # a bad constant is a mistake at start-up, not on each request
+    engine = quota.engine
 
     async def dependency(request: Request) -> AsyncIterator[Decision]:
         scope = request.scope
-        shadow = quota.shadow or rule.shadow
         try:
             project = quota.identity(scope)
-        except IdentityError as exc:
-            if not shadow:
+            demand = Demand(resource, cost_of(cost, scope), period)
+        except RequestError as exc:
+            if not (shadow or engine.shadow):
                 raise QuotaRefused(quota, Rejection(exc.status_code, str(exc))) from None
             yield UNCOUNTED  # shadow mode: nothing to count without a project
             return
-        outcome = await quota.admit(scope, rule, project, resource)
+        outcome = await engine.admit(project, demand, headers=scope["headers"], shadow=shadow)
         if isinstance(outcome, Rejection):
             raise QuotaRefused(quota, outcome)
         if outcome is None:
@@ -79,9 +85,9 @@ def guard(quota: QuotaMiddleware, resource: str, *, cost: Any = 1,
             yield outcome.decision
         except BaseException:
             if reservation is not None:
-                await quota.settle(reservation, keep=False)
+                await engine.settle(reservation, keep=False)
             raise
         if reservation is not None:
-            await quota.settle(reservation, keep=True)
+            await engine.settle(reservation, keep=True)
 
     return dependency

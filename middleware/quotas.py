@@ -10,10 +10,12 @@ costs stay exact (Captain Data credits are counted in thousandths, Latitude traf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Union
 
 from .errors import SourceInvalid
 from .windows import Period, Window
@@ -21,6 +23,26 @@ from .windows import Period, Window
 UNLIMITED = -1
 #: Counters live in Lua numbers (IEEE doubles) inside Redis scripts: larger integers lose precision.
 MAX_LIMIT = 2**53 - 1
+
+
+#: A cost or an amount in quota units: fractions allowed (``0.5`` credits), as a number or a string.
+Number = Union[int, float, Decimal, str]
+
+
+def to_store_units(amount: Number, scale: int) -> int:
+    """Quota units -> whole store units, rounded up so that fractional costs never undercount."""
+    try:
+        value = Decimal(str(amount)) * scale
+    except InvalidOperation:
+        raise ValueError(f"cost {amount!r} is not a number") from None
+    if not value.is_finite() or value < 0 or isinstance(amount, bool):
+        raise ValueError(f"cost {amount!r} must be a finite number >= 0")
+    return math.ceil(value)
+
+
+def in_quota_units(units: int, scale: int) -> int | float:
+    """Store units -> quota units, whole where they divide evenly (for messages and bodies)."""
+    return units // scale if units % scale == 0 else units / scale
 
 
 def parse_limit(value: Any, where: str) -> int:

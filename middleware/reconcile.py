@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .errors import QuotaError
 from .stores.base import Bucket, Store
 
-logger = logging.getLogger("middleware.reconcile")
+logger = logging.getLogger("quota_middleware.reconcile")
 
 UsageFn = Callable[[str, str], "int | Awaitable[int]"]
 TargetsFn = Callable[[], "Iterable[tuple[str, str]] | Awaitable[Iterable[tuple[str, str]]]"]

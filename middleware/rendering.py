@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http import HTTPStatus
 
 from .quotas import Limit
+from .types import RawHeaders
 from .windows import Window
-
-RawHeaders = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,11 @@ def problem_json(rejection: Rejection) -> Rendered:
         if value is not None:
             doc[name] = value
     return _with_retry_after(rejection, b"application/problem+json", json.dumps(doc).encode())
+
+
+def iso_time(epoch: float) -> str:
+    """Epoch seconds as an ISO 8601 UTC time, for people and JSON bodies."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _sf_string(value: str) -> str:

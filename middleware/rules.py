@@ -7,35 +7,37 @@ a few dict lookups and one failed regex match (a path without parameters is foun
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from .errors import ConfigurationError, IdentityError
+from .engine import Demand
+from .errors import ConfigurationError, CostError, RequestError
+from .quotas import Number, to_store_units
+from .types import Scope
 from .windows import Period
 
 Action = Literal["consume", "release", "meter"]
 _ACTIONS = ("consume", "release", "meter")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-Number = Union[int, float, Decimal, str]
 #: A cost computed from the request: takes the ASGI scope, returns a number of quota units.
-CostFn = Callable[[dict[str, Any]], Number]
+CostFn = Callable[[Scope], Number]
 #: A resource name computed from the request (e.g. from a region header).
-ResourceFn = Callable[[dict[str, Any]], str]
+ResourceFn = Callable[[Scope], str]
 
 
-def _units(cost: Number, scale: int) -> int:
-    """Quota units -> whole store units, rounded up so fractional costs never undercount."""
+def cost_of(cost: Number | CostFn, scope: Scope) -> Number:
+    """A request's cost in quota units: the constant, or what the cost function makes of the
+    request, checked (a bad computed cost is the client's 400)."""
+    if not callable(cost):
+        return cost
     try:
-        value = Decimal(str(cost)) * scale
-    except InvalidOperation:
-        raise ValueError(f"cost {cost!r} is not a number") from None
-    if not value.is_finite() or value < 0 or isinstance(cost, bool):
-        raise ValueError(f"cost {cost!r} must be a finite number >= 0")
-    return math.ceil(value)
+        value = cost(scope)
+        to_store_units(value, 1)
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise CostError(f"Could not compute the cost of this request: {exc}") from None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,8 @@ class Rule:
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     #: ``window`` parsed (None: a count quota, unless the source reports a window).
     period: Period | None = field(default=None, init=False, repr=False, compare=False)
+    #: What every request of the rule asks for, when neither resource nor cost depends on it.
+    demand: Demand | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", self.method.upper())
@@ -83,7 +87,7 @@ class Rule:
             object.__setattr__(self, "_pattern", re.compile(self.pattern(named=True) + "/?"))
         if not callable(self.cost):
             try:
-                _units(self.cost, 1)
+                to_store_units(self.cost, 1)
             except ValueError as exc:
                 raise ConfigurationError(f"rule cost: {exc}") from None
         if self.action not in _ACTIONS:
@@ -92,6 +96,8 @@ class Rule:
             object.__setattr__(self, "period", Period.parse(self.window))
         if self.confirm and self.action != "release":
             raise ConfigurationError(f"confirm=True is for release rules; {self.method} {self.path} is {self.action!r}")
+        if not callable(self.cost) and isinstance(self.resource, str) and self._pattern is None:
+            object.__setattr__(self, "demand", Demand(self.resource, self.cost, self.period))
 
     def pattern(self, named: bool = False) -> str:
         """The template as a regex fragment; a trailing slash is optional."""
@@ -101,12 +107,12 @@ class Rule:
         return "".join(re.escape(p) if i % 2 == 0 else (f"(?P<{p}>[^/]+)" if named else "[^/]+")
                        for i, p in enumerate(parts))
 
-    def resource_for(self, scope: dict[str, Any]) -> str:
+    def resource_for(self, scope: Scope) -> str:
         """The resource this request counts against (path parameters filled in)."""
         if callable(self.resource):
             resource = self.resource(scope)
             if not isinstance(resource, str) or not resource:
-                raise IdentityError("This request names no resource to count it against.")
+                raise RequestError("This request names no resource to count it against.")
             return resource
         if self._pattern is None:
             return self.resource
@@ -114,14 +120,11 @@ class Rule:
         params = match.groupdict() if match else {}
         return _PLACEHOLDER.sub(lambda m: params.get(m.group(1), ""), self.resource)
 
-    def units(self, scope: dict[str, Any], scale: int) -> int:
-        """This request's cost in store units; a bad computed cost is the client's 400."""
-        if not callable(self.cost):
-            return self.cost * scale if type(self.cost) is int else _units(self.cost, scale)
-        try:
-            return _units(self.cost(scope), scale)
-        except (ValueError, TypeError, ArithmeticError) as exc:
-            raise IdentityError(f"Could not compute the cost of this request: {exc}") from None
+    def demand_for(self, scope: Scope) -> Demand:
+        """What this request asks for (raises a RequestError for a request that cannot say)."""
+        if self.demand is not None:
+            return self.demand
+        return Demand(self.resource_for(scope), cost_of(self.cost, scope), self.period)
 
 
 #: Where :func:`confirm_release` leaves its mark: the request's ``scope["state"]``.
@@ -138,7 +141,7 @@ def confirm_release(request: Any) -> None:
     scope.setdefault("state", {})[RELEASE_CONFIRMED] = True
 
 
-def route_path(scope: dict[str, Any]) -> str:
+def route_path(scope: Scope) -> str:
     """The path the application routes on: ``path`` without the ``root_path`` before it.
 
     Under ``uvicorn --root-path /api``, a Starlette ``Mount`` or a FastAPI sub-application,

@@ -77,7 +77,7 @@ async def test_shadow_mode_never_refuses_but_counts_what_it_would(store: Store, 
     rules = [Rule("POST", "/things", "things", shadow=(where == "rule"))]
     mw = QuotaMiddleware(inner_app(), rules=rules, source=StaticSource({"things": 2}), store=store,
                          shadow=(where == "global"), metrics=QuotaMetrics(registry))
-    with caplog.at_level(logging.INFO, logger="middleware"):
+    with caplog.at_level(logging.INFO, logger="quota_middleware"):
         async with client_for(mw) as client:
             statuses = [(await client.post("/things", headers=HEADERS)).status_code for _ in range(5)]
     assert statuses == [201] * 5  # a full quota, and every request admitted

@@ -467,7 +467,7 @@ async def test_bad_upstream_fails_closed_with_503(body: bytes, status: int, cont
 async def test_upstream_failure_fails_open_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     source = BarbicanSource("http://q.test", client=broken_upstream())
     mw = guarded(source=source, on_source_error="fail_open")
-    with caplog.at_level(logging.WARNING, logger="middleware"):
+    with caplog.at_level(logging.WARNING, logger="quota_middleware"):
         async with client_for(mw) as client:
             assert (await client.post("/things", headers=HEADERS)).status_code == 201
     assert "fail_open" in caplog.text

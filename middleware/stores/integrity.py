@@ -30,7 +30,7 @@ from typing import Any
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
-logger = logging.getLogger("middleware.store")
+logger = logging.getLogger("quota_middleware.store")
 
 DATA_LOST = ("Redis lost quota data (%s): usage counters restarted from zero, so projects may now be "
              "admitted past their limits. Give Redis persistence (appendonly yes) and maxmemory-policy "

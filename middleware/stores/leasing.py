@@ -30,7 +30,7 @@ from ..errors import StoreError
 from ..nowait import nowait_usable
 from .base import Bucket, Decision, Reservation, Store, new_id
 
-logger = logging.getLogger("middleware.store")
+logger = logging.getLogger("quota_middleware.store")
 
 _LOCAL = "~"  # starts the members of reservations taken from a local block (never the inner store's)
 
