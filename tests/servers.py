@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def wait_until(check, timeout: float = 15.0, what: str = "server") -> None:  # t
 class RedisServer:
     """One redis-server process on a free loopback port, with its own data directory."""
 
-    def __init__(self, *, persist: bool = False) -> None:
+    def __init__(self, *, persist: bool = False, args: Sequence[str] = ()) -> None:
+        """``args``: more redis-server options (``--timeout 1``, ``--maxmemory 8mb``), kept across restarts."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (Debian: apt-get install redis-server)")
@@ -49,6 +51,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="qm-redis-")
         self.persist = persist
+        self.args = tuple(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +60,7 @@ class RedisServer:
 
     def start(self) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                "--save", "", "--appendonly", "yes" if self.persist else "no", "--protected-mode", "no"]
+                "--save", "", "--appendonly", "yes" if self.persist else "no", "--protected-mode", "no", *self.args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
@@ -110,6 +113,44 @@ def uvicorn_process(app: str, *, env: Mapping[str, str], workers: int = 1,
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def gunicorn_server(app: str, *, env: Mapping[str, str], workers: int = 2, preload: bool = True,
+                    extra: Sequence[str] = ()) -> Iterator[str]:
+    """``gunicorn -k uvicorn.workers.UvicornWorker app`` in a subprocess; yields its base URL once it answers.
+
+    With ``preload`` the app module is imported once, in the arbiter, and the workers fork from it.
+    The arbiter and its workers get a session (a process group) of their own: whatever is left of
+    that group when the arbiter has stopped is killed, so no worker outlives the test.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+           "--worker-class", "uvicorn.workers.UvicornWorker", "--graceful-timeout", "3", "--timeout", "30",
+           "--log-level", "warning", *(["--preload"] if preload else []), *extra]
+    process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(process, base), what=f"gunicorn {app}")
+        yield base
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # workers left behind by an arbiter that died
+        except ProcessLookupError:
+            pass
+
+
+def _answers(process: subprocess.Popen[bytes], base: str) -> bool:
+    if process.poll() is not None:
+        raise RuntimeError(f"the server exited with status {process.returncode} before it answered")
+    return httpx.get(base + "/", timeout=1).status_code < 500
 
 
 # -- Redis Cluster ---------------------------------------------------------------------------------
