@@ -35,7 +35,8 @@ from starlette.routing import Route
 
 from .cache import QuotaCache
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
-from .identity import Identity, IdentityFn
+from .engine import SOURCE_FAILED
+from .identity import Identity, IdentityFn, resource_problem
 from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas
 from .sources.base import QuotaSource
 from .stores.base import Store
@@ -45,13 +46,11 @@ logger = logging.getLogger("quota_middleware.admin")
 #: Barbican's paging defaults (``default_limit_paging``, ``max_limit_paging``).
 DEFAULT_PAGE = 10
 MAX_PAGE = 100
-MAX_RESOURCE_LENGTH = 255
 #: A PUT body is a small JSON object; anything larger is refused (413).
 MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER = 5
 
 STORE_FAILED = "Quota store unavailable: quota overrides could not be read or written. Try again later."
-SOURCE_FAILED = "Quota service unavailable: the effective quotas could not be read. Try again later."
 
 
 class AdminError(Exception):
@@ -234,7 +233,7 @@ class QuotaAdmin:
 
 
 def quota_units(limit: Limit) -> int:
-    """A limit as the source states it: quota units (-1 for unlimited)."""
+    """A limit as the source states it: whole quota units (-1 for unlimited)."""
     return UNLIMITED if limit.value < 0 else limit.value // limit.scale
 
 
@@ -247,13 +246,8 @@ _path_project.description = "the project id"  # type: ignore[attr-defined]
 
 
 def _resource_problem(name: Any) -> str | None:
-    if not isinstance(name, str) or not name:
-        return f"resource names must be non-empty strings, got {name!r}"
-    if len(name) > MAX_RESOURCE_LENGTH:
-        return f"resource name {name[:20]!r}... is longer than {MAX_RESOURCE_LENGTH} characters"
-    if not name.isprintable():
-        return f"resource name {name!r} contains control characters"
-    return None
+    problem = resource_problem(name)
+    return None if problem is None else f"resource name {str(name)[:20]!r} {problem}"
 
 
 def _parse_overrides(body: bytes) -> dict[str, int | None]:

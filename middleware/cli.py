@@ -34,19 +34,18 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
-from .windows import current_window
 from .errors import SourceInvalid, StoreError
-from .identity import MAX_PROJECT_LENGTH
+from .identity import project_problem, resource_problem
 from .keys import counter_keys, project_tag, quotas_key
-from .quotas import MAX_LIMIT, UNLIMITED, Quotas
+from .quotas import MAX_LIMIT, UNLIMITED, Quotas, in_quota_units
+from .rendering import iso_time
 from .stores.base import WINDOW_GRACE_MS, Bucket
 from .stores.redis import RedisStore
-from .windows import Period, Window
+from .windows import Period, Window, current_window
 
 PROG = "quota-middleware"
 #: Where the sources shipped with the package keep their shared quota copies.
 NAMESPACES = ("barbican", "static", "captaindata", "latitude", "json")
-MAX_RESOURCE_LENGTH = 255
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -135,22 +134,16 @@ def _bucket_options(parser: argparse.ArgumentParser) -> None:
 # -- validation ---------------------------------------------------------------------------------
 
 def check_project(value: str) -> str:
-    if not value:
-        raise usage_error("the project id is empty")
-    if len(value) > MAX_PROJECT_LENGTH:
-        raise usage_error(f"the project id is longer than {MAX_PROJECT_LENGTH} characters")
-    if not value.isprintable() or value != value.strip():
-        raise usage_error("the project id contains control characters or surrounding spaces")
+    problem = project_problem(value)
+    if problem is not None:
+        raise usage_error(f"the project id {problem}")
     return value
 
 
 def check_resource(value: str) -> str:
-    if not value:
-        raise usage_error("the resource name is empty")
-    if len(value) > MAX_RESOURCE_LENGTH:
-        raise usage_error(f"the resource name is longer than {MAX_RESOURCE_LENGTH} characters")
-    if not value.isprintable():
-        raise usage_error("the resource name contains control characters")
+    problem = resource_problem(value)
+    if problem is not None:
+        raise usage_error(f"the resource name {problem}")
     return value
 
 
@@ -211,10 +204,6 @@ def validate(args: argparse.Namespace) -> None:
             raise usage_error("that window is over: its counters have expired")
     if getattr(args, "scale", None) is not None and args.scale < 1:
         raise usage_error("--scale must be >= 1")
-
-
-def in_quota_units(units: int, scale: int) -> int | float:
-    return units // scale if units % scale == 0 else units / scale
 
 
 def safe_url(url: str) -> str:
@@ -679,17 +668,13 @@ def _limit_text(value: Any) -> str:
     return str(value)
 
 
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
 def _window_text(window: dict[str, Any] | None) -> str:
     if window is None:
         return "-"
     if "period" in window:
         return f"every {window['period']}" + ("" if window["period"] == "month" else "s")
-    end = "?" if window.get("end") is None else _iso(window["end"])
-    return f"{_iso(window['start'])} .. {end}"
+    end = "?" if window.get("end") is None else iso_time(window["end"])
+    return f"{iso_time(window['start'])} .. {end}"
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -20,7 +20,35 @@ IdentityFn = Callable[[Scope], "str | bytes | None"]
 
 AMBIGUOUS = "{what} appears more than once: an ambiguous project identity is refused."
 MAX_PROJECT_LENGTH = 255
+MAX_RESOURCE_LENGTH = 255
 MAX_REMEMBERED = 4096
+
+
+def project_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a project id ("... is empty"), or None when it can.
+
+    One rule for every way a project id arrives: a request, the admin API, the command line.
+    """
+    if not value:
+        return "is empty"
+    if len(value) > MAX_PROJECT_LENGTH:
+        return f"is longer than {MAX_PROJECT_LENGTH} characters"
+    if not value.isprintable() or value != value.strip():
+        return "contains control characters or surrounding spaces"
+    return None
+
+
+def resource_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a resource name, or None when it can."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value:
+        return "is empty"
+    if len(value) > MAX_RESOURCE_LENGTH:
+        return f"is longer than {MAX_RESOURCE_LENGTH} characters"
+    if not value.isprintable():
+        return "contains control characters"
+    return None
 
 
 class HeaderIdentity:
@@ -87,8 +115,7 @@ class Identity:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise IdentityError(f"{self.description} is not valid UTF-8.") from None
-        if len(raw) > MAX_PROJECT_LENGTH:
-            raise IdentityError(f"{self.description} is longer than {MAX_PROJECT_LENGTH} characters.")
-        if not raw.isprintable() or raw != raw.strip():
-            raise IdentityError(f"{self.description} contains control characters or surrounding spaces.")
+        problem = project_problem(raw)
+        if problem is not None:
+            raise IdentityError(f"{self.description} {problem}.")
         return raw

@@ -214,7 +214,7 @@ async def test_project_quotas_status_codes_and_put_replaces_the_whole_set(store:
     (b'{"project_quotas": {"secrets": NaN}}', "integer"),
     (b'{"project_quotas": {"secrets": {"value": 1}}}', "integer"),
     (b'{"project_quotas": {"secrets": 9007199254740992}}', "larger"),
-    (b'{"project_quotas": {"": 1}}', "non-empty"),
+    (b'{"project_quotas": {"": 1}}', "is empty"),
     (b'{"project_quotas": {"' + b"r" * 256 + b'": 1}}', "longer than 255"),
     (b'{"project_quotas": {"a\\u0000b": 1}}', "control"),
 ])
