@@ -148,6 +148,8 @@ FAULTS: dict[str, tuple[dict[str, Any], float, str | None]] = {
                                           "30"),
     "garbage body": ({"mode": "garbage", "body": "<html>Bad Gateway</html>{"}, SLACK, "5"),
     "JSON that is not a quota document": ({"mode": "garbage", "body": '{"quotas": [1, 2]}'}, SLACK, "5"),
+    # 4 KB of "[": past the JSON parser's recursion limit, not only past our nesting bound.
+    "deeply nested JSON": ({"mode": "garbage", "body": "[" * 4096}, SLACK, "5"),
     "wrong media type": ({"mode": "media", "content_type": "text/html"}, SLACK, "5"),
     "stalled body": ({"mode": "stall_body", "delay": 5.0}, TIMEOUT + SLACK, "5"),
     # Every byte arrives within the read timeout, but the whole answer takes ~4 s: a source built
@@ -179,7 +181,8 @@ async def test_upstream_fault_fails_closed_quickly_with_503(scenario: Scenario, 
     assert await scenario.calls() == 1
 
 
-@pytest.mark.parametrize("fault", ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type"])
+@pytest.mark.parametrize("fault", ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type",
+                                   "deeply nested JSON"])
 async def test_upstream_fault_fails_open_when_configured(scenario: Scenario, guarded: Factory, fault: str,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     await scenario.set(**behaviour(fault))
@@ -205,7 +208,8 @@ async def test_a_burst_against_a_hanging_upstream_asks_it_once(scenario: Scenari
 
 # -- stale quotas: served within the bound, the policy after it ------------------------------------
 
-STALE_FAULTS = ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type", "stalled body"]
+STALE_FAULTS = ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type", "stalled body",
+                "deeply nested JSON"]
 
 
 @pytest.mark.parametrize("fault", STALE_FAULTS)

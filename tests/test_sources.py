@@ -20,6 +20,8 @@ from middleware import (
     SourceUnavailable,
     Window,
 )
+from middleware.sources import bounded
+from middleware.sources.bounded import MAX_DEPTH
 from middleware.sources.latitude import BYTES_PER_MBPS_WINDOW, BYTES_PER_TB
 
 pytestmark = pytest.mark.anyio
@@ -231,4 +233,53 @@ async def test_json_source_reads_pointers() -> None:
 async def test_json_source_rejects_wrong_types() -> None:
     source = JSONSource("http://q.test", limits={"w": "/w"}, client=Upstream(b'{"w": "10"}').client())
     with pytest.raises(SourceInvalid):
+        await source.fetch("p", {})
+
+
+# -- bounds every source shares: nesting depth ----------------------------------------------------
+
+def nested(depth: int, inner: str = "1") -> bytes:
+    return ("[" * depth + inner + "]" * depth).encode()
+
+
+SOURCES = {
+    "barbican": lambda client: BarbicanSource("http://b", client=client),
+    "latitude": lambda client: LatitudeSource("http://l", token="k", client=client),
+    "captaindata": lambda client: CaptainDataSource(api_key="k", client=client),
+    "json": lambda client: JSONSource("http://q.test", limits={"w": "/w"}, client=client),
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("body", [b"[" * 4096, nested(4096), b'{"a": ' * 4096, nested(MAX_DEPTH + 1)],
+                         ids=["4 KB of [", "4096 levels", "4096 objects", "65 levels"])
+async def test_json_nested_deeper_than_the_bound_is_invalid_never_a_recursion_error(name: str, body: bytes) -> None:
+    source = SOURCES[name](Upstream(body, media_type="application/json").client())
+    with pytest.raises(SourceInvalid, match="nested deeper than 64") as info:
+        await source.fetch("proj_lkg1DekRdvZE5", {"x-auth-token": "t"})
+    assert info.value.status_code == 200
+
+
+async def test_nesting_up_to_the_bound_is_parsed_and_brackets_in_strings_do_not_count() -> None:
+    deep = json.dumps({"quotas": {"secrets": 3}, "deep": json.loads(nested(MAX_DEPTH - 1)),
+                       "note": '[{"\\"' * 2000}).encode()  # 64 levels; brackets and escaped quotes in a string
+    quotas = await BarbicanSource("http://b", client=Upstream(deep).client()).fetch("p", {"x-auth-token": "t"})
+    assert quotas.limit("secrets").value == 3
+
+
+def test_a_recursion_error_the_depth_scan_missed_is_still_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bounded, "_deeper_than", lambda text, limit: False)
+    with pytest.raises(SourceInvalid, match="not JSON") as info:
+        bounded.parse_json(nested(100_000), status_code=200)
+    assert isinstance(info.value.__cause__, RecursionError)
+
+
+async def test_deeply_nested_error_body_keeps_the_status_mapping() -> None:
+    deep = b"[" * 4096
+    source = LatitudeSource("http://l", token="k", client=Upstream(deep, 429, headers={"Retry-After": "9"}).client())
+    with pytest.raises(SourceUnavailable, match="answered 429$") as info:
+        await source.fetch("p", {})
+    assert info.value.retry_after == 9
+    source = CaptainDataSource(api_key="k", client=Upstream(deep, 404).client())
+    with pytest.raises(SourceRejected, match="answered 404$"):
         await source.fetch("p", {})

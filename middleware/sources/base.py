@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -14,6 +13,7 @@ import httpx
 
 from ..errors import SourceInvalid, SourceRejected, SourceUnavailable
 from ..quotas import Quotas
+from .bounded import parse_json
 
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 DEFAULT_DEADLINE = 10.0
@@ -75,10 +75,10 @@ class HTTPSource(QuotaSource):
             raise SourceUnavailable(f"quota API unreachable ({type(exc).__name__})") from exc
         status = response.status_code
         if status == 429 or status >= 500:
-            raise SourceUnavailable(f"quota API answered {status}{self.describe_error(response)}",
+            raise SourceUnavailable(f"quota API answered {status}{self._describe(response)}",
                                     status_code=status, retry_after=retry_after(response))
         if status in (401, 403, 404):
-            raise SourceRejected(f"quota API answered {status}{self.describe_error(response)}", status_code=status)
+            raise SourceRejected(f"quota API answered {status}{self._describe(response)}", status_code=status)
         if status != 200:
             raise SourceInvalid(f"quota API answered unexpected status {status}", status_code=status)
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -87,14 +87,18 @@ class HTTPSource(QuotaSource):
                                 f"expected {' or '.join(media_types)}", status_code=status)
         if len(response.content) > MAX_BODY_BYTES:
             raise SourceInvalid("quota API answered an oversized body", status_code=status)
-        try:
-            return json.loads(response.content)
-        except ValueError as exc:
-            raise SourceInvalid("quota API answered a body that is not JSON", status_code=status) from exc
+        return parse_json(response.content, status_code=status)
 
     def describe_error(self, response: httpx.Response) -> str:
-        """A short, safe summary of an upstream error body (overridden per API)."""
+        """A short, safe summary of an upstream error body (overridden per API; read the body
+        with ``parse_json``, which bounds its depth)."""
         return ""
+
+    def _describe(self, response: httpx.Response) -> str:
+        try:
+            return self.describe_error(response)
+        except RecursionError:  # an override that parsed a deep body itself: the status still answers
+            return ""
 
 
 def retry_after(response: httpx.Response) -> float | None:
