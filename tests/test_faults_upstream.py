@@ -151,6 +151,10 @@ FAULTS: dict[str, tuple[dict[str, Any], float, str | None]] = {
     # 4 KB of "[": past the JSON parser's recursion limit, not only past our nesting bound.
     "deeply nested JSON": ({"mode": "garbage", "body": "[" * 4096}, SLACK, "5"),
     "wrong media type": ({"mode": "media", "content_type": "text/html"}, SLACK, "5"),
+    # Refused at the 1 MiB bound (decoded), not read whole: see the test after the next.
+    "gzip bomb": ({"mode": "gzip_bomb", "mib": 1024}, SLACK, "5"),
+    "huge body": ({"mode": "huge_body", "mib": 300}, SLACK, "5"),
+    "huge body with its Content-Length": ({"mode": "huge_body", "mib": 300, "declare_length": True}, SLACK, "5"),
     "stalled body": ({"mode": "stall_body", "delay": 5.0}, TIMEOUT + SLACK, "5"),
     # Every byte arrives within the read timeout, but the whole answer takes ~4 s: a source built
     # with timeout=0.3 must not hold the caller that long.
@@ -193,6 +197,17 @@ async def test_upstream_fault_fails_open_when_configured(scenario: Scenario, gua
     assert "fail_open" in caplog.text
     await mw.store.flush()
     assert await mw.store.usage(Bucket("p", "things")) == 1  # admitted, and still counted
+
+
+@pytest.mark.parametrize("fault", ["gzip bomb", "huge body", "huge body with its Content-Length"])
+async def test_a_huge_answer_is_refused_for_its_size_before_the_deadline(
+        scenario: Scenario, guarded: Factory, fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket: the answer is refused at the bound, not cut by the deadline after
+    megabytes were read (tests/test_sources.py measures the memory this costs)."""
+    await scenario.set(**behaviour(fault))
+    _, _, client = await guarded(scenario)
+    assert_unavailable(await client.post("/things", headers=HEADERS))
+    assert "oversized body (over 1048576 bytes)" in caplog.text
 
 
 async def test_a_burst_against_a_hanging_upstream_asks_it_once(scenario: Scenario, guarded: Factory) -> None:
