@@ -285,3 +285,21 @@ async def test_another_worker_serves_the_shared_stale_copy(scenario: Scenario, g
     assert response.status_code == 403 and "allows 1" in response.json()["description"]
     clock.advance(90)
     assert_unavailable(await second.post("/things", headers=HEADERS))
+
+
+async def test_a_worker_that_refreshed_first_serves_the_shared_stale_copy_while_backing_off(
+        scenario: Scenario, guarded: Factory, clock: FakeClock, real_redis: aioredis.Redis) -> None:
+    """A worker that never held the project is the one whose refresh gets the 429: it serves the
+    shared stale copy for as long as the Retry-After lasts, not only on that first request."""
+    await scenario.set("ok", quotas={"things": 1})
+    options = {"cache_ttl": 10, "cache_jitter": 0, "stale_ttl": 100}
+    _, _, first = await guarded(scenario, store=RedisStore(real_redis, clock=clock), **options)
+    assert (await first.post("/things", headers=HEADERS)).status_code == 201
+    await scenario.set("status", status=429, retry_after=60)
+    clock.advance(30)
+    _, _, second = await guarded(scenario, store=RedisStore(real_redis, clock=clock), **options)
+    for _ in range(3):
+        response = await second.post("/things", headers=HEADERS)
+        assert response.status_code == 403 and "allows 1" in response.json()["description"]
+        clock.advance(20)
+    assert await scenario.calls() == 2  # the fetch, and the one refresh told to wait
