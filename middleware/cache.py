@@ -108,7 +108,12 @@ class QuotaCache:
 
     async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
         key = quotas_key(self.prefix, project, self.source.namespace)
-        waiting = self._while_backing_off(self._backoff.get(project), stale)
+        until = self._backoff.get(project)
+        if stale is None and until is not None and self._clock() < until and self.store.shares_cache:
+            # This worker's refresh failed but it never held the project itself (serving a stale
+            # copy keeps none locally): the copy other workers share is as good a stale answer.
+            stale = await self._read_shared(key)
+        waiting = self._while_backing_off(until, stale)
         if waiting is not None:
             return waiting
         if not self.store.shares_cache:

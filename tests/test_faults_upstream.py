@@ -148,7 +148,13 @@ FAULTS: dict[str, tuple[dict[str, Any], float, str | None]] = {
                                           "30"),
     "garbage body": ({"mode": "garbage", "body": "<html>Bad Gateway</html>{"}, SLACK, "5"),
     "JSON that is not a quota document": ({"mode": "garbage", "body": '{"quotas": [1, 2]}'}, SLACK, "5"),
+    # 4 KB of "[": past the JSON parser's recursion limit, not only past our nesting bound.
+    "deeply nested JSON": ({"mode": "garbage", "body": "[" * 4096}, SLACK, "5"),
     "wrong media type": ({"mode": "media", "content_type": "text/html"}, SLACK, "5"),
+    # Refused at the 1 MiB bound (decoded), not read whole: see the test after the next.
+    "gzip bomb": ({"mode": "gzip_bomb", "mib": 1024}, SLACK, "5"),
+    "huge body": ({"mode": "huge_body", "mib": 300}, SLACK, "5"),
+    "huge body with its Content-Length": ({"mode": "huge_body", "mib": 300, "declare_length": True}, SLACK, "5"),
     "stalled body": ({"mode": "stall_body", "delay": 5.0}, TIMEOUT + SLACK, "5"),
     # Every byte arrives within the read timeout, but the whole answer takes ~4 s: a source built
     # with timeout=0.3 must not hold the caller that long.
@@ -179,7 +185,8 @@ async def test_upstream_fault_fails_closed_quickly_with_503(scenario: Scenario, 
     assert await scenario.calls() == 1
 
 
-@pytest.mark.parametrize("fault", ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type"])
+@pytest.mark.parametrize("fault", ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type",
+                                   "deeply nested JSON"])
 async def test_upstream_fault_fails_open_when_configured(scenario: Scenario, guarded: Factory, fault: str,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     await scenario.set(**behaviour(fault))
@@ -190,6 +197,17 @@ async def test_upstream_fault_fails_open_when_configured(scenario: Scenario, gua
     assert "fail_open" in caplog.text
     await mw.store.flush()
     assert await mw.store.usage(Bucket("p", "things")) == 1  # admitted, and still counted
+
+
+@pytest.mark.parametrize("fault", ["gzip bomb", "huge body", "huge body with its Content-Length"])
+async def test_a_huge_answer_is_refused_for_its_size_before_the_deadline(
+        scenario: Scenario, guarded: Factory, fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket: the answer is refused at the bound, not cut by the deadline after
+    megabytes were read (tests/test_sources.py measures the memory this costs)."""
+    await scenario.set(**behaviour(fault))
+    _, _, client = await guarded(scenario)
+    assert_unavailable(await client.post("/things", headers=HEADERS))
+    assert "oversized body (over 1048576 bytes)" in caplog.text
 
 
 async def test_a_burst_against_a_hanging_upstream_asks_it_once(scenario: Scenario, guarded: Factory) -> None:
@@ -205,7 +223,8 @@ async def test_a_burst_against_a_hanging_upstream_asks_it_once(scenario: Scenari
 
 # -- stale quotas: served within the bound, the policy after it ------------------------------------
 
-STALE_FAULTS = ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type", "stalled body"]
+STALE_FAULTS = ["timeout", "500", "429 with Retry-After", "garbage body", "wrong media type", "stalled body",
+                "deeply nested JSON"]
 
 
 @pytest.mark.parametrize("fault", STALE_FAULTS)
@@ -266,3 +285,21 @@ async def test_another_worker_serves_the_shared_stale_copy(scenario: Scenario, g
     assert response.status_code == 403 and "allows 1" in response.json()["description"]
     clock.advance(90)
     assert_unavailable(await second.post("/things", headers=HEADERS))
+
+
+async def test_a_worker_that_refreshed_first_serves_the_shared_stale_copy_while_backing_off(
+        scenario: Scenario, guarded: Factory, clock: FakeClock, real_redis: aioredis.Redis) -> None:
+    """A worker that never held the project is the one whose refresh gets the 429: it serves the
+    shared stale copy for as long as the Retry-After lasts, not only on that first request."""
+    await scenario.set("ok", quotas={"things": 1})
+    options = {"cache_ttl": 10, "cache_jitter": 0, "stale_ttl": 100}
+    _, _, first = await guarded(scenario, store=RedisStore(real_redis, clock=clock), **options)
+    assert (await first.post("/things", headers=HEADERS)).status_code == 201
+    await scenario.set("status", status=429, retry_after=60)
+    clock.advance(30)
+    _, _, second = await guarded(scenario, store=RedisStore(real_redis, clock=clock), **options)
+    for _ in range(3):
+        response = await second.post("/things", headers=HEADERS)
+        assert response.status_code == 403 and "allows 1" in response.json()["description"]
+        clock.advance(20)
+    assert await scenario.calls() == 2  # the fetch, and the one refresh told to wait

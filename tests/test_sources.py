@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,11 @@ from middleware import (
     SourceUnavailable,
     Window,
 )
+from middleware.sources import bounded
+from middleware.sources.base import MAX_BODY_BYTES
+from middleware.sources.bounded import MAX_DEPTH
 from middleware.sources.latitude import BYTES_PER_MBPS_WINDOW, BYTES_PER_TB
+from tests.fault_upstream_server import gzip_bomb
 
 pytestmark = pytest.mark.anyio
 
@@ -232,3 +240,171 @@ async def test_json_source_rejects_wrong_types() -> None:
     source = JSONSource("http://q.test", limits={"w": "/w"}, client=Upstream(b'{"w": "10"}').client())
     with pytest.raises(SourceInvalid):
         await source.fetch("p", {})
+
+
+# -- bounds every source shares: nesting depth ----------------------------------------------------
+
+def nested(depth: int, inner: str = "1") -> bytes:
+    return ("[" * depth + inner + "]" * depth).encode()
+
+
+SOURCES = {
+    "barbican": lambda client: BarbicanSource("http://b", client=client),
+    "latitude": lambda client: LatitudeSource("http://l", token="k", client=client),
+    "captaindata": lambda client: CaptainDataSource(api_key="k", client=client),
+    "json": lambda client: JSONSource("http://q.test", limits={"w": "/w"}, client=client),
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("body", [b"[" * 4096, nested(4096), b'{"a": ' * 4096, nested(MAX_DEPTH + 1)],
+                         ids=["4 KB of [", "4096 levels", "4096 objects", "65 levels"])
+async def test_json_nested_deeper_than_the_bound_is_invalid_never_a_recursion_error(name: str, body: bytes) -> None:
+    source = SOURCES[name](Upstream(body, media_type="application/json").client())
+    with pytest.raises(SourceInvalid, match="nested deeper than 64") as info:
+        await source.fetch("proj_lkg1DekRdvZE5", {"x-auth-token": "t"})
+    assert info.value.status_code == 200
+
+
+async def test_nesting_up_to_the_bound_is_parsed_and_brackets_in_strings_do_not_count() -> None:
+    deep = json.dumps({"quotas": {"secrets": 3}, "deep": json.loads(nested(MAX_DEPTH - 1)),
+                       "note": '[{"\\"' * 2000}).encode()  # 64 levels; brackets and escaped quotes in a string
+    quotas = await BarbicanSource("http://b", client=Upstream(deep).client()).fetch("p", {"x-auth-token": "t"})
+    assert quotas.limit("secrets").value == 3
+
+
+def test_a_recursion_error_the_depth_scan_missed_is_still_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bounded, "_deeper_than", lambda text, limit: False)
+    with pytest.raises(SourceInvalid, match="not JSON") as info:
+        bounded.parse_json(nested(100_000), status_code=200)
+    assert isinstance(info.value.__cause__, RecursionError)
+
+
+async def test_deeply_nested_error_body_keeps_the_status_mapping() -> None:
+    deep = b"[" * 4096
+    source = LatitudeSource("http://l", token="k", client=Upstream(deep, 429, headers={"Retry-After": "9"}).client())
+    with pytest.raises(SourceUnavailable, match="answered 429$") as info:
+        await source.fetch("p", {})
+    assert info.value.retry_after == 9
+    source = CaptainDataSource(api_key="k", client=Upstream(deep, 404).client())
+    with pytest.raises(SourceRejected, match="answered 404$"):
+        await source.fetch("p", {})
+
+
+# -- bounds every source shares: body size, decoded, as it streams in -----------------------------
+
+class Streamed:
+    """An upstream whose body is made piece by piece as the client reads it; records how far it got."""
+
+    def __init__(self, pieces: Callable[[], Iterable[bytes]], status: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
+        self.pieces, self.status, self.headers = pieces, status, headers or {}
+        self.sent = 0
+        self.finished = False
+        self.requests: list[httpx.Request] = []
+
+    def client(self) -> httpx.AsyncClient:
+        async def body() -> AsyncIterator[bytes]:
+            for piece in self.pieces():
+                self.sent += len(piece)
+                yield piece
+            self.finished = True
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            self.requests.append(request)
+            return httpx.Response(self.status, headers={"Content-Type": "application/json", **self.headers},
+                                  content=body())
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+#: What fetching one answer may allocate at most (the body limit is 1 MiB).
+MEMORY_BOUND = 8 << 20
+SPACES = b" " * (64 << 10)
+
+
+async def fetch_traced(source: Any) -> tuple[BaseException, int]:
+    """The error ``fetch`` raised, and the peak of what was allocated meanwhile (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        await source.fetch("p", {"x-auth-token": "t"})
+    except Exception as exc:  # noqa: BLE001 - returned for the test to check
+        error: BaseException = exc
+    else:
+        raise AssertionError("the fetch succeeded")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return error, peak
+
+
+def in_reads(pieces: Iterable[bytes], size: int = 64 << 10) -> Iterator[bytes]:
+    """``pieces`` as a socket hands them over when the client lags: ``size`` bytes at a time."""
+    pending = b""
+    for piece in pieces:
+        pending += piece
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
+HUGE = {
+    # 1 GiB of zeros, 1 MiB on the wire: a client that inflates it whole needs 1 GiB twice over,
+    # one that inflates each 64 KiB read whole (as httpx's decoders do) 64 MiB at once.
+    "gzip bomb": (lambda: in_reads(gzip_bomb(1024)), {"Content-Encoding": "gzip"}),
+    "300 MiB, chunked": (lambda: (SPACES for _ in range(300 * 16)), {}),
+}
+
+
+@pytest.mark.parametrize("status", [200, 503, 404])
+@pytest.mark.parametrize("body", list(HUGE))
+async def test_a_huge_body_is_read_no_further_than_the_limit(body: str, status: int) -> None:
+    pieces, headers = HUGE[body]
+    upstream = Streamed(pieces, status, headers={**headers, "Retry-After": "9"})
+    error, peak = await fetch_traced(BarbicanSource("http://b", client=upstream.client()))
+    expected = {200: SourceInvalid, 503: SourceUnavailable, 404: SourceRejected}[status]
+    assert type(error) is expected and error.status_code == status
+    if status == 200:
+        assert "oversized body" in str(error)
+    if status == 503:
+        assert error.retry_after == 9  # an error body too big to describe still maps as before
+    assert peak < MEMORY_BOUND, f"fetching allocated {peak / 2**20:.1f} MiB at its peak"
+    assert not upstream.finished and upstream.sent <= 2 * MAX_BODY_BYTES  # read no further than needed
+
+
+async def test_a_declared_length_over_the_limit_is_refused_unread() -> None:
+    upstream = Streamed(HUGE["300 MiB, chunked"][0], headers={"Content-Length": str(300 << 20)})
+    error, peak = await fetch_traced(BarbicanSource("http://b", client=upstream.client()))
+    assert isinstance(error, SourceInvalid) and "oversized body" in str(error)
+    assert upstream.sent == 0 and peak < MEMORY_BOUND
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize(("encoding", "encode"), [("gzip", gzip.compress), ("deflate", zlib.compress),
+                                                  ("deflate", raw_deflate), ("identity", bytes)],
+                         ids=["gzip", "deflate", "raw deflate", "identity"])
+async def test_compressed_answers_are_inflated_in_pieces(encoding: str, encode: Callable[[bytes], bytes]) -> None:
+    wire = encode(fixture("barbican_quotas.json"))
+    upstream = Streamed(lambda: (wire[i:i + 7] for i in range(0, len(wire), 7)), headers={"Content-Encoding": encoding})
+    quotas = await BarbicanSource("http://b", client=upstream.client()).fetch("p", {"x-auth-token": "t"})
+    assert quotas.limit("secrets").value == 1000 and upstream.finished
+    assert upstream.requests[0].headers["accept-encoding"] == "gzip, deflate"
+
+
+async def test_a_compressed_error_body_is_still_described() -> None:
+    errors = json.dumps({"errors": [{"title": "Unauthorized", "detail": "Invalid API key"}]}).encode()
+    upstream = Streamed(lambda: [gzip.compress(errors)], 401, headers={"Content-Encoding": "gzip"})
+    with pytest.raises(SourceRejected, match="Unauthorized: Invalid API key"):
+        await LatitudeSource("http://l", token="k", client=upstream.client()).fetch("p", {})
+
+
+async def test_a_corrupt_compressed_body_is_invalid() -> None:
+    upstream = Streamed(lambda: [b"\x1f\x8b not gzip at all"], headers={"Content-Encoding": "gzip"})
+    with pytest.raises(SourceInvalid, match="gzip"):
+        await BarbicanSource("http://b", client=upstream.client()).fetch("p", {"x-auth-token": "t"})

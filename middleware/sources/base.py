@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -14,11 +13,10 @@ import httpx
 
 from ..errors import SourceInvalid, SourceRejected, SourceUnavailable
 from ..quotas import Quotas
+from .bounded import ACCEPT_ENCODING, MAX_BODY_BYTES, parse_json, read_body
 
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 DEFAULT_DEADLINE = 10.0
-#: Quota documents are small; anything larger is not one.
-MAX_BODY_BYTES = 1 << 20
 
 
 class QuotaSource(ABC):
@@ -62,39 +60,64 @@ class HTTPSource(QuotaSource):
 
     async def get_json(self, path: str, *, headers: Mapping[str, str], params: Mapping[str, str] | None = None,
                        media_types: tuple[str, ...] = ("application/json",)) -> Any:
-        """GET a JSON document, mapping every failure to a SourceError subclass."""
+        """GET a JSON document, mapping every failure to a SourceError subclass.
+
+        The body is streamed and read within MAX_BODY_BYTES, decoded (see ``bounded``): no answer
+        costs more memory than that, however large or however compressed.
+        """
         url = f"{self.base_url}{path}"
+        request_headers = httpx.Headers({"Accept-Encoding": ACCEPT_ENCODING})
+        request_headers.update(headers)
         try:
+            # The deadline covers reading the body too: one dripping in must not hold the caller.
             async with asyncio.timeout(self.deadline):
-                response = await self._client.get(url, headers=dict(headers), params=params)
+                async with self._client.stream("GET", url, headers=request_headers, params=params) as response:
+                    body = await self._read_answer(response, media_types)
         except TimeoutError as exc:
             raise SourceUnavailable(f"quota API did not answer within {self.deadline}s") from exc
         except httpx.TimeoutException as exc:
             raise SourceUnavailable(f"quota API timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
             raise SourceUnavailable(f"quota API unreachable ({type(exc).__name__})") from exc
+        return parse_json(body, status_code=response.status_code)
+
+    async def _read_answer(self, response: httpx.Response, media_types: tuple[str, ...]) -> bytes:
+        """The body of a 200 of an expected media type; any other answer raises its SourceError."""
         status = response.status_code
         if status == 429 or status >= 500:
-            raise SourceUnavailable(f"quota API answered {status}{self.describe_error(response)}",
+            raise SourceUnavailable(f"quota API answered {status}{await self._describe(response)}",
                                     status_code=status, retry_after=retry_after(response))
         if status in (401, 403, 404):
-            raise SourceRejected(f"quota API answered {status}{self.describe_error(response)}", status_code=status)
+            raise SourceRejected(f"quota API answered {status}{await self._describe(response)}", status_code=status)
         if status != 200:
             raise SourceInvalid(f"quota API answered unexpected status {status}", status_code=status)
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in media_types:
             raise SourceInvalid(f"quota API answered media type {content_type or 'none'!r}, "
                                 f"expected {' or '.join(media_types)}", status_code=status)
-        if len(response.content) > MAX_BODY_BYTES:
-            raise SourceInvalid("quota API answered an oversized body", status_code=status)
-        try:
-            return json.loads(response.content)
-        except ValueError as exc:
-            raise SourceInvalid("quota API answered a body that is not JSON", status_code=status) from exc
+        return await read_body(response, MAX_BODY_BYTES)
 
     def describe_error(self, response: httpx.Response) -> str:
-        """A short, safe summary of an upstream error body (overridden per API)."""
+        """A short, safe summary of an upstream error body (overridden per API; read the body
+        with ``parse_json``, which bounds its depth)."""
         return ""
+
+    async def _describe(self, response: httpx.Response) -> str:
+        """describe_error on the error body, read within the same bound; the status alone answers
+        when the body is too big, does not inflate, or the override trips over it."""
+        try:
+            body = await read_body(response, MAX_BODY_BYTES)
+        except SourceInvalid:
+            return ""
+        # describe_error reads response.content: give it the body already read, decoded (so
+        # without the headers that described it on the wire).
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k not in ("content-encoding", "content-length", "transfer-encoding")]
+        read = httpx.Response(response.status_code, headers=headers, content=body, request=response.request)
+        try:
+            return self.describe_error(read)
+        except RecursionError:  # an override that parsed a deep body itself
+            return ""
 
 
 def retry_after(response: httpx.Response) -> float | None:

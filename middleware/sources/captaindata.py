@@ -26,6 +26,7 @@ from ..errors import ConfigurationError, SourceInvalid, SourceRejected
 from ..quotas import MAX_LIMIT, Limit, Quotas, parse_limit
 from ..windows import Period, Window
 from .base import DEFAULT_TIMEOUT, HTTPSource
+from .bounded import parse_json
 
 #: Store units per credit: fractional costs down to a thousandth of a credit stay exact.
 CREDIT_SCALE = 1000
@@ -62,9 +63,9 @@ class CaptainDataSource(HTTPSource):
 
     def describe_error(self, response: httpx.Response) -> str:
         try:
-            doc = response.json()
+            doc = parse_json(response.content)
             return f" ({str(doc['error_label'])[:64]}: {str(doc.get('message', ''))[:200]})"
-        except (ValueError, KeyError, TypeError):
+        except (SourceInvalid, KeyError, TypeError):
             return ""
 
 

@@ -29,6 +29,7 @@ from ..errors import ConfigurationError, SourceInvalid, SourceRejected
 from ..quotas import MAX_LIMIT, Limit, Quotas
 from ..windows import Period
 from .base import DEFAULT_TIMEOUT, HTTPSource
+from .bounded import parse_json
 
 BYTES_PER_TB = 10**12
 #: Bandwidth quotas are gated over windows of this many seconds.
@@ -57,10 +58,10 @@ class LatitudeSource(HTTPSource):
     def describe_error(self, response: httpx.Response) -> str:
         """JSON:API errors: ``{"errors": [{"status", "code", "title", "detail"}]}``."""
         try:
-            errors = response.json()["errors"]
+            errors = parse_json(response.content)["errors"]
             parts = [": ".join(str(e[k])[:200] for k in ("title", "detail") if e.get(k)) for e in errors[:3]]
             return f" ({'; '.join(p for p in parts if p)})" if any(parts) else ""
-        except (ValueError, KeyError, TypeError, IndexError):
+        except (SourceInvalid, KeyError, TypeError, IndexError):
             return ""
 
 
