@@ -29,7 +29,7 @@ from .sources.base import QuotaSource
 from .stores.base import Bucket, Store
 from .windows import Window, current_window
 
-logger = logging.getLogger("middleware.cache")
+logger = logging.getLogger("quota_middleware.cache")
 
 SERVING_STALE = "quota API failed (%s); serving quotas of project %r cached %.0fs ago"
 SHARED_COPY_UNUSABLE = "shared quota copy unusable (%s); asking the quota API"
