@@ -1,6 +1,6 @@
 """Peak memory of a process fetching quotas from an upstream that answers far too much.
 
-Serves tests/fault_upstream_server.py under uvicorn, then for each case starts a fresh Python
+Serves tests/upstreams/fault_server.py under uvicorn, then for each case starts a fresh Python
 process that fetches once healthy (imports, connection), switches the upstream to the case,
 fetches again through ``BarbicanSource`` and reports the growth of its peak RSS
 (``ru_maxrss``) over that second fetch, how long it took and what it raised.
@@ -60,7 +60,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from tests.servers import uvicorn_server
 
-    with uvicorn_server("tests.fault_upstream_server:app", env={}, extra=["--timeout-graceful-shutdown", "1"]) as base:
+    with uvicorn_server("tests.upstreams.fault_server:app", env={}, extra=["--timeout-graceful-shutdown", "1"]) as base:
         for mode, behaviour in CASES:
             subprocess.run([sys.executable, __file__, base, mode, json.dumps(behaviour)], check=True)
 

@@ -1,4 +1,4 @@
-"""Upstream faults against a real HTTP quota API (tests/fault_upstream_server.py under uvicorn).
+"""Upstream faults against a real HTTP quota API (tests/upstreams/fault_server.py under uvicorn).
 
 Every test drives its own scenario on the one running upstream; what the upstream answers is
 switched through its control endpoint. Cache freshness and the stale bound run on an injected
@@ -40,7 +40,7 @@ SLACK = 1.2
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     # Scenarios that hang (sleep 5 s) may still be running at the end: do not wait for them.
-    with uvicorn_server("tests.fault_upstream_server:app", env={}, extra=["--timeout-graceful-shutdown", "1"]) as base:
+    with uvicorn_server("tests.upstreams.fault_server:app", env={}, extra=["--timeout-graceful-shutdown", "1"]) as base:
         yield base
 
 

@@ -27,7 +27,7 @@ async def test_concurrent_creates_on_workers_admit_exactly_the_limit(redis_serve
                                                                      real_redis: aioredis.Redis, leases: str,
                                                                      limit: int, workers: int) -> None:
     project = f"race-{leases}-{limit}"
-    with uvicorn_server("tests.fake_barbican_server:app",
+    with uvicorn_server("tests.upstreams.barbican_server:app",
                         env={"FAKE_BARBICAN_QUOTAS": json.dumps({"secrets": limit})}) as upstream:
         env = {"QUOTA_SOURCE_URL": upstream, "REDIS_URL": redis_server.url, "QUOTA_LOCAL_LEASES": leases}
         with uvicorn_server("examples.barbican_store:app", env=env, workers=workers) as base:

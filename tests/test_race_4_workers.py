@@ -1,7 +1,7 @@
 """Four real uvicorn workers on one real redis-server: 1000 concurrent creates against a limit of 100.
 
 The example Barbican store (examples/barbican_store.py) is served with ``--workers 4`` and asks a
-Barbican quota API (tests/fake_barbican_server.py) for a ``secrets`` quota of 100. Each round uses
+Barbican quota API (tests/upstreams/barbican_server.py) for a ``secrets`` quota of 100. Each round uses
 a fresh project, so each round also races the four workers' cold quota caches.
 """
 
@@ -79,7 +79,7 @@ async def test_1000_concurrent_creates_on_four_workers_admit_exactly_100(redis_s
                                                                          real_redis: aioredis.Redis) -> None:
     store = RedisStore(real_redis)
     started = time.monotonic()
-    with uvicorn_server("tests.fake_barbican_server:app",
+    with uvicorn_server("tests.upstreams.barbican_server:app",
                         env={"FAKE_BARBICAN_QUOTAS": json.dumps({"secrets": LIMIT})}) as upstream:
         env = {"QUOTA_SOURCE_URL": upstream, "REDIS_URL": redis_server.url}
         with uvicorn_server("examples.barbican_store:app", env=env, workers=4) as base:

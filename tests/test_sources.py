@@ -28,7 +28,7 @@ from middleware.sources import bounded
 from middleware.sources.base import MAX_BODY_BYTES
 from middleware.sources.bounded import MAX_DEPTH
 from middleware.sources.latitude import BYTES_PER_MBPS_WINDOW, BYTES_PER_TB
-from tests.fault_upstream_server import gzip_bomb
+from tests.upstreams.fault_server import gzip_bomb
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,11 @@
-"""Fake quota APIs for tests, served through httpx.MockTransport."""
+"""Fake quota APIs for tests, all in one place.
+
+- `FakeBarbican` (here): Barbican's quota API in process, through httpx.MockTransport;
+- `barbican_server`: the same, as an ASGI app to serve with uvicorn (real workers racing);
+- `fault_server`: a Barbican-compatible API that misbehaves on demand (hangs, drips, bombs).
+
+The examples keep their own stand-ins (examples/fake_upstreams.py): the demo needs no tests/.
+"""
 
 from __future__ import annotations
 
