@@ -20,7 +20,7 @@ from .rendering import Rejection, Rendered, barbican_error, problem_json
 from .rules import Rule, confirm_release
 from .sources import BarbicanSource, CaptainDataSource, HTTPSource, JSONSource, LatitudeSource, QuotaSource, StaticSource
 from .windows import Period, Window
-from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Reservation, Store
+from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Reservation, SharedState, Store
 
 __all__ = [
     "UNLIMITED",
@@ -54,6 +54,7 @@ __all__ = [
     "Reservation",
     "Rule",
     "ScopeStateIdentity",
+    "SharedState",
     "SourceError",
     "SourceInvalid",
     "SourceRejected",

@@ -39,7 +39,7 @@ from .engine import SOURCE_FAILED
 from .identity import Identity, IdentityFn, resource_problem
 from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas
 from .sources.base import QuotaSource
-from .stores.base import Store
+from .stores.base import SharedState, Store
 
 logger = logging.getLogger("quota_middleware.admin")
 
@@ -77,14 +77,14 @@ class QuotaAdmin:
     workers keep is used); without one, ``/v1/quotas`` shows overrides and defaults only.
     ``resources``: resource names always shown (with ``default_limit`` when neither the source nor
     an override mentions them); when given, a PUT of any other resource is refused (400). ``identity``: who the caller of ``/v1/quotas`` is, as for the
-    middleware. ``key_prefix`` must match the middleware's (default: the store's own prefix).
+    middleware.
 
     The admin never closes the store or the source: whoever made them does.
     """
 
     def __init__(self, store: Store, *, source: QuotaSource | None = None, resources: Iterable[str] = (),
                  default_limit: int = UNLIMITED, identity: IdentityFn | None = None, cache_ttl: float = 60.0,
-                 stale_ttl: float = 300.0, key_prefix: str | None = None,
+                 stale_ttl: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:
         if not isinstance(store, Store):
             raise ConfigurationError(f"store must be a Store (MemoryStore, RedisStore, ...), got {store!r}")
@@ -105,9 +105,9 @@ class QuotaAdmin:
         self.identity = Identity(identity)
         self._project_id = Identity(_path_project)
         self.clock = clock
-        prefix = key_prefix if key_prefix is not None else getattr(store, "prefix", "quota:")
-        self.cache = None if source is None else QuotaCache(source, store, ttl=cache_ttl, stale=stale_ttl,
-                                                            prefix=prefix, clock=clock)
+        shared = store if isinstance(store, SharedState) else None
+        self.cache = None if source is None else QuotaCache(source, store, shared=shared, ttl=cache_ttl,
+                                                            stale=stale_ttl, clock=clock)
         routes = [
             Route("/v1/quotas", self._effective, methods=["GET"]),
             Route("/v1/quotas/", self._effective, methods=["GET"]),

@@ -22,11 +22,11 @@ from typing import Any
 from cachetools import LRUCache
 
 from .errors import SourceError, SourceInvalid, SourceRejected, SourceUnavailable, StoreError
-from .keys import quotas_key
 from .nowait import nowait_usable
 from .quotas import Quotas
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Store
+from .stores.base import Bucket, SharedState, Store
+from .types import QuotaMetricsLike, RawHeaders
 from .windows import Window, current_window
 
 logger = logging.getLogger("quota_middleware.cache")
@@ -34,7 +34,7 @@ logger = logging.getLogger("quota_middleware.cache")
 SERVING_STALE = "quota API failed (%s); serving quotas of project %r cached %.0fs ago"
 SHARED_COPY_UNUSABLE = "shared quota copy unusable (%s); asking the quota API"
 
-Headers = list[tuple[bytes, bytes]]
+Headers = RawHeaders
 #: How often a worker waiting for another worker's fetch looks for the shared copy.
 LOCK_POLL = 0.05
 #: After an upstream failure, nobody asks it again for at least this long (or its Retry-After).
@@ -50,15 +50,17 @@ class _Entry:
 
 
 class QuotaCache:
-    def __init__(self, source: QuotaSource, store: Store, *, ttl: float = 60.0, jitter: float = 0.1,
-                 stale: float = 300.0, maxsize: int = 10_000, prefix: str = "quota:",
-                 lock_wait: float = 10.0, clock: Callable[[], float] = time.time, metrics: Any = None) -> None:
+    def __init__(self, source: QuotaSource, store: Store, *, shared: SharedState | None = None, ttl: float = 60.0,
+                 jitter: float = 0.1, stale: float = 300.0, maxsize: int = 10_000, lock_wait: float = 10.0,
+                 clock: Callable[[], float] = time.time, metrics: QuotaMetricsLike | None = None) -> None:
         self.source = source
+        #: Where usage the source reports is seeded.
         self.store = store
+        #: Where the copy every process shares lives; None: this process alone (the memory store).
+        self.shared = shared
         self.ttl = ttl
         self.jitter = jitter
         self.stale = stale
-        self.prefix = prefix
         #: How long a fetch lock is held at most, and how long others wait for its result.
         self.lock_wait = lock_wait
         self._clock = clock
@@ -107,23 +109,22 @@ class QuotaCache:
             return await self.source.fetch(project, self._forwarded(headers))
 
     async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
-        key = quotas_key(self.prefix, project, self.source.namespace)
         until = self._backoff.get(project)
-        if stale is None and until is not None and self._clock() < until and self.store.shares_cache:
+        if stale is None and until is not None and self._clock() < until and self.shared is not None:
             # This worker's refresh failed but it never held the project itself (serving a stale
             # copy keeps none locally): the copy other workers share is as good a stale answer.
-            stale = await self._read_shared(key)
+            stale = await self._read_shared(project)
         waiting = self._while_backing_off(until, stale)
         if waiting is not None:
             return waiting
-        if not self.store.shares_cache:
-            return await self._fetch(project, headers, key, stale, self._clock())
+        if self.shared is None:
+            return await self._fetch(project, headers, stale, self._clock())
         # Across processes: whoever takes the fetch lock asks the upstream; the others wait for
         # the shared copy it writes (or serve their stale copy meanwhile).
         deadline = time.monotonic() + self.lock_wait
         while True:
             now = self._clock()
-            shared = await self._read_shared(key)
+            shared = await self._read_shared(project)
             if shared is not None and now < shared.fresh_until:
                 self._local[project] = shared
                 if self._metrics is not None:
@@ -131,15 +132,15 @@ class QuotaCache:
                 return shared.quotas
             if shared is not None and (stale is None or shared.fetched_at > stale.fetched_at):
                 stale = shared
-            waiting = self._while_backing_off(await self._read_backoff(key), stale)
+            waiting = self._while_backing_off(await self._read_backoff(project), stale)
             if waiting is not None:
                 return waiting
-            token = await self._try_lock(key)
+            token = await self._try_lock(project)
             if token is not None:
                 try:
-                    return await self._fetch(project, headers, key, stale, now)
+                    return await self._fetch(project, headers, stale, now)
                 finally:
-                    await self._unlock(key, token)
+                    await self._unlock(project, token)
             if stale is not None and now < stale.stale_until:
                 return stale.quotas  # another worker is refreshing it
             if time.monotonic() >= deadline:
@@ -147,7 +148,7 @@ class QuotaCache:
                                         retry_after=self.lock_wait)
             await asyncio.sleep(LOCK_POLL)
 
-    async def _fetch(self, project: str, headers: Headers, key: str, stale: _Entry | None, now: float) -> Quotas:
+    async def _fetch(self, project: str, headers: Headers, stale: _Entry | None, now: float) -> Quotas:
         started = time.perf_counter()
         try:
             quotas = await self.source.fetch(project, self._forwarded(headers))
@@ -155,7 +156,7 @@ class QuotaCache:
             self._observe(started, type(exc).__name__.removeprefix("Source").lower())
             if isinstance(exc, SourceRejected):
                 raise  # a refused credential is the caller's answer, never served from cache
-            await self._back_off(project, key, now + max(exc.retry_after or 0.0, MIN_BACKOFF))
+            await self._back_off(project, now + max(exc.retry_after or 0.0, MIN_BACKOFF))
             if stale is not None and now < stale.stale_until:
                 logger.warning(SERVING_STALE, exc, project, now - stale.fetched_at)
                 return stale.quotas
@@ -164,10 +165,11 @@ class QuotaCache:
         entry = self._entry(quotas, now)
         self._local[project] = entry
         await self._seed(project, quotas, now)
-        if self.store.shares_cache:
+        if self.shared is not None:
             blob = json.dumps({"fetched_at": now, "quotas": quotas.to_dict()}).encode()
             try:
-                await self.store.save_shared(key, blob, int((self.ttl + self.stale) * 1000))
+                await self.shared.save(project, self.source.namespace, "quotas", blob,
+                                       int((self.ttl + self.stale) * 1000))
             except StoreError as exc:
                 logger.warning("could not share cached quotas of project %r: %s", project, exc)
         return quotas
@@ -199,38 +201,47 @@ class QuotaCache:
         raise SourceUnavailable(f"quota API failed moments ago; not asking again for {until - now:.1f}s",
                                 retry_after=until - now)
 
-    async def _back_off(self, project: str, key: str, until: float) -> None:
+    async def _back_off(self, project: str, until: float) -> None:
         self._backoff[project] = until
-        if self.store.shares_cache:
+        if self.shared is not None:
             try:
-                await self.store.save_shared(key + ":backoff", repr(until).encode(),
-                                             max(1, int((until - self._clock()) * 1000)))
+                await self.shared.save(project, self.source.namespace, "backoff", repr(until).encode(),
+                                       max(1, int((until - self._clock()) * 1000)))
             except StoreError:
                 pass  # each process then backs off on its own
 
-    async def _read_backoff(self, key: str) -> float | None:
+    async def _read_backoff(self, project: str) -> float | None:
+        if self.shared is None:
+            return None
         try:
-            blob = await self.store.load_shared(key + ":backoff")
+            blob = await self.shared.load(project, self.source.namespace, "backoff")
             return None if blob is None else float(blob)
         except (StoreError, ValueError):
             return None
 
-    async def _try_lock(self, key: str) -> str | None:
+    async def _try_lock(self, project: str) -> str | None:
         token = os.urandom(8).hex()
+        if self.shared is None:
+            return token
         try:
-            return token if await self.store.try_lock(key + ":lock", token, int(self.lock_wait * 1000)) else None
+            taken = await self.shared.try_lock(project, self.source.namespace, token, int(self.lock_wait * 1000))
+            return token if taken else None
         except StoreError:
             return token  # no shared lock without the store: fetch, as a lone process would
 
-    async def _unlock(self, key: str, token: str) -> None:
+    async def _unlock(self, project: str, token: str) -> None:
+        if self.shared is None:
+            return
         try:
-            await self.store.unlock(key + ":lock", token)
+            await self.shared.unlock(project, self.source.namespace, token)
         except StoreError:
             pass  # the lock expires by itself
 
-    async def _read_shared(self, key: str) -> _Entry | None:
+    async def _read_shared(self, project: str) -> _Entry | None:
+        if self.shared is None:
+            return None
         try:
-            blob = await self.store.load_shared(key)
+            blob = await self.shared.load(project, self.source.namespace, "quotas")
             if blob is None:
                 return None
             doc = json.loads(blob)

@@ -23,7 +23,7 @@ from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, ratelimit_headers
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Decision, Reservation, Store
+from .stores.base import Bucket, Decision, Reservation, SharedState, Store
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .types import METRICS_METHODS, QuotaMetricsLike, RawHeaders
@@ -134,7 +134,6 @@ class QuotaEngine:
         on_source_error: Policy = "fail_closed",
         on_store_error: Policy = "fail_closed",
         retry_after: float = 5.0,
-        key_prefix: str = "quota:",
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(source, QuotaSource):
@@ -150,14 +149,15 @@ class QuotaEngine:
         options.flag("local_leases", local_leases)
         options.flag("shadow", shadow)
         options.function("clock", clock, "a callable returning epoch seconds")
-        options.text("key_prefix", key_prefix)
         if metrics is not None and not all(callable(getattr(metrics, name, None)) for name in METRICS_METHODS):
             raise ConfigurationError(f"metrics must be a QuotaMetrics (or have {', '.join(METRICS_METHODS)}), "
                                      f"got {metrics!r}")
         self.source = source
         store = store if store is not None else MemoryStore(clock=clock)
+        #: What the store shares across processes (None: the memory store, one process).
+        self.shared = store if isinstance(store, SharedState) else None
         # Local leases only pay where a round trip is saved: around a shared store.
-        self.store = LeasingStore(store) if local_leases and store.shares_cache else store
+        self.store = LeasingStore(store) if local_leases and self.shared is not None else store
         self._reserve_nowait = self.store.reserve_nowait if nowait_usable(self.store, "reserve_nowait", "reserve") \
             else _no_answer
         self._settle_nowait = self.store.settle_nowait \
@@ -166,8 +166,8 @@ class QuotaEngine:
         self._default = Limit(self.default_limit)
         #: Resources the source did not report, already warned about (see _unreported).
         self._warned: set[str] = set()
-        self.cache = QuotaCache(source, self.store, ttl=cache_ttl, jitter=cache_jitter, stale=stale_ttl,
-                                maxsize=cache_size, prefix=key_prefix, clock=clock, metrics=metrics)
+        self.cache = QuotaCache(source, self.store, shared=self.shared, ttl=cache_ttl, jitter=cache_jitter,
+                                stale=stale_ttl, maxsize=cache_size, clock=clock, metrics=metrics)
         self.lease_ms = int(lease_seconds * 1000)
         self.on_source_error = _check_policy("on_source_error", on_source_error)
         self.on_store_error = _check_policy("on_store_error", on_store_error)

@@ -45,6 +45,12 @@ def quotas_key(prefix: str, project: str, namespace: str) -> str:
     return f"{project_tag(prefix, project)}:quotas:{escape(namespace)}"
 
 
+def shared_key(prefix: str, project: str, namespace: str, part: str) -> str:
+    """What the quota cache shares: the quotas copy, the source's ``backoff``, the fetch ``lock``."""
+    key = quotas_key(prefix, project, namespace)
+    return key if part == "quotas" else f"{key}:{part}"
+
+
 def overrides_key(prefix: str, project: str) -> str:
     """The project's quota overrides: a hash of escaped resource name -> limit in quota units."""
     return f"{project_tag(prefix, project)}:overrides"

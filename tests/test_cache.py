@@ -58,7 +58,7 @@ async def test_a_worker_without_a_local_copy_serves_the_shared_stale_one_while_b
     quotas = Quotas({"things": Limit(5)})
     source = Scripted(quotas)
     options = {"ttl": 10.0, "jitter": 0.0, "stale": 100.0, "clock": clock}
-    first, second = (QuotaCache(source, store, **options) for store in shared)
+    first, second = (QuotaCache(source, store, shared=store, **options) for store in shared)
     assert await first.get("p", []) == quotas  # the first worker fetches; the copy is shared
     source.answer = SourceUnavailable("quota API answered 429", status_code=429, retry_after=60)
 

@@ -132,17 +132,19 @@ async def test_shared_blobs_and_locks_on_every_node(cluster_store: RedisStore,
     await cluster_client.initialize()
     keys = [quotas_key(cluster_store.prefix, p, "static") for p in PROJECTS]
     assert len({owner_port(cluster_client, key_slot(k.encode())) for k in keys}) >= 2
-    for i, key in enumerate(keys):
-        await cluster_store.save_shared(key, f"blob-{i}".encode(), 10_000)
-    assert [await cluster_store.load_shared(k) for k in keys] == [f"blob-{i}".encode() for i in range(len(keys))]
-    assert await cluster_store.load_shared(keys[0] + ":missing") is None
-    for key in keys:
-        assert await cluster_store.try_lock(key + ":lock", "me", 10_000)
-        assert not await cluster_store.try_lock(key + ":lock", "you", 10_000)
-        await cluster_store.unlock(key + ":lock", "you")  # not the holder: the lock stays
-        assert not await cluster_store.try_lock(key + ":lock", "you", 10_000)
-        await cluster_store.unlock(key + ":lock", "me")
-        assert await cluster_store.try_lock(key + ":lock", "you", 10_000)
+    for i, project in enumerate(PROJECTS):
+        await cluster_store.save(project, "static", "quotas", f"blob-{i}".encode(), 10_000)
+    assert [await cluster_store.load(p, "static", "quotas") for p in PROJECTS] == [
+        f"blob-{i}".encode() for i in range(len(PROJECTS))]
+    assert [await cluster_client.get(k) for k in keys] == [f"blob-{i}".encode() for i in range(len(keys))]
+    assert await cluster_store.load(PROJECTS[0], "static", "backoff") is None
+    for project in PROJECTS:
+        assert await cluster_store.try_lock(project, "static", "me", 10_000)
+        assert not await cluster_store.try_lock(project, "static", "you", 10_000)
+        await cluster_store.unlock(project, "static", "you")  # not the holder: the lock stays
+        assert not await cluster_store.try_lock(project, "static", "you", 10_000)
+        await cluster_store.unlock(project, "static", "me")
+        assert await cluster_store.try_lock(project, "static", "you", 10_000)
 
 
 async def test_middleware_on_the_cluster_admits_exactly_the_limit(cluster_store: RedisStore) -> None:
@@ -178,7 +180,7 @@ async def test_unreachable_cluster_is_a_prompt_store_error(dead_cluster_store: R
 
 async def test_unreachable_cluster_fails_shared_reads_as_store_errors(dead_cluster_store: RedisStore) -> None:
     with pytest.raises(StoreError):
-        await dead_cluster_store.load_shared("quota:{p}:quotas:static")
+        await dead_cluster_store.load("p", "static", "quotas")
 
 
 # -- many slots of one node in one batch ------------------------------------------------------------

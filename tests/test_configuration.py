@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
     ("cache_ttl", "60"), ("cache_ttl", 0), ("cache_ttl", float("nan")), ("stale_ttl", -1),
     ("lease_seconds", None), ("retry_after", "5"), ("cache_jitter", 2), ("cache_size", 0),
     ("local_leases", "yes"), ("shadow", 1), ("renderer", None), ("renderer", "barbican"),
-    ("clock", 0), ("key_prefix", ""), ("key_prefix", None), ("metrics", object()), ("store", "redis://x"),
+    ("clock", 0), ("metrics", object()), ("store", "redis://x"),
 ])
 def test_a_bad_option_is_a_configuration_error_naming_it(option: str, value: Any) -> None:
     with pytest.raises(ConfigurationError, match=option):

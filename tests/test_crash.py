@@ -79,6 +79,7 @@ async def test_reservations_of_a_killed_worker_come_back_after_the_lease(
             assert statuses == [201] * LIMIT + [403]
             assert supervisor.poll() is None
     assert await store.usage(bucket) == LIMIT
+    await store.aclose()
 
 
 async def _create_retrying(client: httpx.AsyncClient, headers: dict[str, str]) -> int:

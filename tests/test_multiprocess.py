@@ -44,3 +44,4 @@ async def test_concurrent_creates_on_workers_admit_exactly_the_limit(redis_serve
                 await asyncio.sleep(0.02)
             assert await real_redis.zcard(leases_key) == 0
             assert await store.usage(Bucket(project, "secrets")) == limit
+            await store.aclose()

@@ -89,4 +89,5 @@ async def test_1000_concurrent_creates_on_four_workers_admit_exactly_100(redis_s
                 assert statuses == Counter({201: LIMIT, 403: CREATES - LIMIT}), f"round {round_}: {statuses}"
                 await settled(real_redis, project)
                 assert await store.usage(Bucket(project, "secrets")) == LIMIT
+    await store.aclose()
     assert time.monotonic() - started < 30

@@ -1,8 +1,8 @@
 """Usage stores: the embedded in-memory store and Redis."""
 
-from .base import Bucket, Decision, Reservation, Store
+from .base import Bucket, Decision, Reservation, SharedState, Store
 from .leasing import LeasingStore
 from .memory import MemoryStore
 from .redis import RedisStore
 
-__all__ = ["Bucket", "Decision", "LeasingStore", "MemoryStore", "RedisStore", "Reservation", "Store"]
+__all__ = ["Bucket", "Decision", "LeasingStore", "MemoryStore", "RedisStore", "Reservation", "SharedState", "Store"]

@@ -14,7 +14,7 @@ import itertools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from ..windows import Window
 
@@ -89,10 +89,7 @@ def new_member(cost: int) -> str:
 
 
 class Store(ABC):
-    """Usage counters, reservations, and the shared copy of cached quotas."""
-
-    #: True when the quota cache should keep a shared copy here (pointless for one process).
-    shares_cache: bool = False
+    """Usage: counters, reservations and quota overrides, what a decision reads and writes atomically."""
 
     @abstractmethod
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
@@ -167,20 +164,6 @@ class Store(ABC):
     async def overridden_projects(self) -> list[str]:
         """Every project with at least one override, sorted."""
 
-    async def load_shared(self, key: str) -> bytes | None:
-        """A value shared by every process (cached quotas, a fetch back-off), if this store keeps one."""
-        return None
-
-    async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
-        """Share ``blob`` with every process for ``ttl_ms``."""
-
-    async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
-        """Take a short lock shared by every process (one upstream fetch at a time); True if taken."""
-        return True
-
-    async def unlock(self, key: str, token: str) -> None:
-        """Give the lock back if ``token`` still holds it."""
-
     def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
         """Call ``callback`` (a function, or one returning an awaitable) when the store notices it lost
         usage data; with ``heal``, only in the one process chosen to repair it. A store that cannot
@@ -192,3 +175,30 @@ class Store(ABC):
     async def aclose(self) -> None:
         """Flush and release connections."""
         await self.flush()
+
+
+#: What the quota cache keeps per project and source: the effective quotas, and the source's back-off.
+SharedPart = Literal["quotas", "backoff"]
+
+
+class SharedState(ABC):
+    """What processes share besides usage, per project and quota source (``namespace``): the quota
+    cache's copy of the effective quotas, the source's back-off after a failure, and a short lock
+    so that one process at a time asks the source. A store that serves several processes (Redis)
+    implements it beside :class:`Store`; one process needs none. Key names stay the store's own."""
+
+    @abstractmethod
+    async def load(self, project: str, namespace: str, part: SharedPart) -> bytes | None:
+        """What was saved, if it has not expired."""
+
+    @abstractmethod
+    async def save(self, project: str, namespace: str, part: SharedPart, blob: bytes, ttl_ms: int) -> None:
+        """Share ``blob`` with every process for ``ttl_ms``."""
+
+    @abstractmethod
+    async def try_lock(self, project: str, namespace: str, token: str, ttl_ms: int) -> bool:
+        """Take the fetch lock for ``ttl_ms`` at most; True if taken."""
+
+    @abstractmethod
+    async def unlock(self, project: str, namespace: str, token: str) -> None:
+        """Give the fetch lock back if ``token`` still holds it."""

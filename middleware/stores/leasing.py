@@ -56,7 +56,6 @@ class LeasingStore(Store):
     def __init__(self, inner: Store, *, divisor: int = 64, max_block: int = 1000, block_seconds: float = 1.0,
                  max_buckets: int = 16_384) -> None:
         self.inner = inner
-        self.shares_cache = inner.shares_cache
         self._inner_settles_nowait = nowait_usable(inner, "settle_nowait", "commit", "refund")
         #: A block is at most 1/divisor of what remains in the store.
         self.divisor = divisor
@@ -224,12 +223,6 @@ class LeasingStore(Store):
     async def commits(self, bucket: Bucket) -> int:
         return await self.inner.commits(bucket)
 
-    async def load_shared(self, key: str) -> bytes | None:
-        return await self.inner.load_shared(key)
-
-    async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
-        await self.inner.save_shared(key, blob, ttl_ms)
-
     async def overrides(self, project: str) -> dict[str, int]:
         return await self.inner.overrides(project)
 
@@ -241,12 +234,6 @@ class LeasingStore(Store):
 
     def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
         self.inner.on_data_loss(callback, heal=heal)
-
-    async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
-        return await self.inner.try_lock(key, token, ttl_ms)
-
-    async def unlock(self, key: str, token: str) -> None:
-        await self.inner.unlock(key, token)
 
     async def flush(self) -> None:
         """Close every block; settle those whose requests are done; then flush the inner store."""

@@ -34,8 +34,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ..errors import ConfigurationError, StoreError
-from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key
-from .base import Bucket, Decision, Reservation, Store, new_id, new_member
+from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key, shared_key
+from .base import Bucket, Decision, Reservation, SharedPart, SharedState, Store, new_id, new_member
 from .integrity import IntegrityWatch
 
 logger = logging.getLogger("middleware.store")
@@ -97,8 +97,7 @@ def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], 
 
 
 
-class RedisStore(Store):
-    shares_cache = True
+class RedisStore(Store, SharedState):
 
     def __init__(self, redis: str | aioredis.Redis | RedisCluster, *, prefix: str = "quota:",
                  timeout: float = 1.0, pipeline: int = 1, integrity_interval: float = 10.0,
@@ -210,17 +209,20 @@ class RedisStore(Store):
     async def overridden_projects(self) -> list[str]:
         return sorted(_text(p) for p in await self._guard(self.client.smembers(overridden_projects_key(self.prefix))))
 
-    async def load_shared(self, key: str) -> bytes | None:
-        return await self._guard(self.client.get(key))  # type: ignore[no-any-return]
+    # -- what the quota cache shares (SharedState) ------------------------------------------------
 
-    async def save_shared(self, key: str, blob: bytes, ttl_ms: int) -> None:
-        await self._guard(self.client.set(key, blob, px=max(1, ttl_ms)))
+    async def load(self, project: str, namespace: str, part: SharedPart) -> bytes | None:
+        return await self._guard(self.client.get(shared_key(self.prefix, project, namespace, part)))  # type: ignore[no-any-return]
 
-    async def try_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+    async def save(self, project: str, namespace: str, part: SharedPart, blob: bytes, ttl_ms: int) -> None:
+        await self._guard(self.client.set(shared_key(self.prefix, project, namespace, part), blob, px=max(1, ttl_ms)))
+
+    async def try_lock(self, project: str, namespace: str, token: str, ttl_ms: int) -> bool:
+        key = shared_key(self.prefix, project, namespace, "lock")
         return bool(await self._guard(self.client.set(key, token, nx=True, px=max(1, ttl_ms))))
 
-    async def unlock(self, key: str, token: str) -> None:
-        await self._guard(self._unlock_script(keys=[key], args=[token]))
+    async def unlock(self, project: str, namespace: str, token: str) -> None:
+        await self._guard(self._unlock_script(keys=[shared_key(self.prefix, project, namespace, "lock")], args=[token]))
 
     def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
         self.integrity.on_loss(callback, heal=heal)
