@@ -37,7 +37,7 @@ from redis.asyncio.cluster import RedisCluster
 from .errors import SourceInvalid, StoreError
 from .identity import project_problem, resource_problem
 from .keys import counter_keys, project_tag, quotas_key
-from .quotas import MAX_LIMIT, UNLIMITED, Quotas, in_quota_units
+from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas, in_quota_units
 from .rendering import iso_time
 from .stores.base import WINDOW_GRACE_MS, Bucket
 from .stores.redis import RedisStore
@@ -372,7 +372,7 @@ async def read_cached(ctx: Context, project: str, namespaces: Sequence[str]) -> 
 
 def scale_for(cached: dict[str, Any], resource: str) -> int:
     for entry in cached.values():
-        limit = entry["quotas"].limits.get(resource)
+        limit: Limit | None = entry["quotas"].limits.get(resource)
         if limit is not None:
             return limit.scale
     return 1

@@ -10,11 +10,10 @@ name any project.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from .errors import ConfigurationError, IdentityError
+from .types import Scope
 
-Scope = dict[str, Any]
 #: Any callable taking the ASGI scope and returning the raw project id, or None when absent.
 IdentityFn = Callable[[Scope], "str | bytes | None"]
 

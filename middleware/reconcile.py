@@ -75,7 +75,7 @@ class Reconciler:
         if inspect.isawaitable(targets):
             targets = await targets
         corrections = []
-        for project, resource in targets:  # type: ignore[union-attr]
+        for project, resource in targets:
             try:
                 corrections.append(await self.reconcile(project, resource))
             except (QuotaError, ValueError) as exc:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 import httpx
 
 from ..errors import SourceInvalid, SourceRejected
-from ..quotas import Quotas, parse_limit
+from ..quotas import Limit, Quotas, parse_limit
 from .base import DEFAULT_TIMEOUT, HTTPSource
 
 BARBICAN_RESOURCES = ("secrets", "orders", "containers", "consumers", "cas")
@@ -41,4 +41,4 @@ def parse_barbican(doc: object, resources: Iterable[str] = BARBICAN_RESOURCES) -
     if not isinstance(doc, dict) or not isinstance(doc.get("quotas"), dict):
         raise SourceInvalid("Barbican quota document has no 'quotas' object")
     quotas = doc["quotas"]
-    return Quotas({name: parse_limit(quotas[name], f"quotas.{name}") for name in resources if name in quotas})
+    return Quotas({name: Limit(parse_limit(quotas[name], f"quotas.{name}")) for name in resources if name in quotas})

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -58,7 +59,8 @@ async def read_body(response: httpx.Response, limit: int = MAX_BODY_BYTES) -> by
     stages = [_Inflate(coding, response.status_code) for coding in reversed(codings) if coding in _WBITS]
     chunks: list[bytes] = []
     size = 0
-    async with aclosing(response.aiter_raw()) as raw_chunks:
+    # aiter_raw() is an async generator: aclosing() ends it (and the response) if we stop early.
+    async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as raw_chunks:
         async for chunk in raw_chunks:
             room = limit - size
             for stage in stages:

@@ -104,15 +104,15 @@ class IntegrityWatch:
                     value = mine
                 else:
                     value = await self.client.get(key)  # another process wrote it a moment ago
-            before = self._seen.get(key)
-            if before is not None and value != before:
+            seen = self._seen.get(key)
+            if seen is not None and value != seen:
                 losses.append(f"marker {key} gone")
             if value is not None:
                 self._seen[key] = value
         for node, evicted in (await self._evictions()).items():
-            before = self._evicted.get(node)
-            if before is not None and evicted > before:
-                losses.append(f"{evicted - before} keys evicted on {node}")
+            known = self._evicted.get(node)
+            if known is not None and evicted > known:
+                losses.append(f"{evicted - known} keys evicted on {node}")
             self._evicted[node] = evicted
         if not losses:
             return False
