@@ -14,7 +14,8 @@ from typing import Any
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-def _serve(path: str, body: bytes, media_type: bytes, auth_header: bytes, errors: dict[int, tuple[bytes, bytes]]) -> Any:
+def _serve(path: str, body: bytes, media_type: bytes, auth_header: bytes,
+           errors: dict[int, tuple[bytes, bytes]]) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return

@@ -18,9 +18,17 @@ from .identity import HeaderIdentity, ScopeStateIdentity
 from .quotas import UNLIMITED, Limit, Quotas
 from .rendering import Rejection, Rendered, barbican_error, problem_json
 from .rules import Rule, confirm_release
-from .sources import BarbicanSource, CaptainDataSource, HTTPSource, JSONSource, LatitudeSource, QuotaSource, StaticSource
-from .windows import Period, Window
+from .sources import (
+    BarbicanSource,
+    CaptainDataSource,
+    HTTPSource,
+    JSONSource,
+    LatitudeSource,
+    QuotaSource,
+    StaticSource,
+)
 from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Reservation, SharedState, Store
+from .windows import Period, Window
 
 __all__ = [
     "UNLIMITED",

@@ -34,8 +34,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .cache import QuotaCache
-from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .engine import SOURCE_FAILED
+from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn, resource_problem
 from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas
 from .sources.base import QuotaSource
@@ -76,8 +76,8 @@ class QuotaAdmin:
     quota source, read through a quota cache over ``store`` (so the shared copy the middleware's
     workers keep is used); without one, ``/v1/quotas`` shows overrides and defaults only.
     ``resources``: resource names always shown (with ``default_limit`` when neither the source nor
-    an override mentions them); when given, a PUT of any other resource is refused (400). ``identity``: who the caller of ``/v1/quotas`` is, as for the
-    middleware.
+    an override mentions them); when given, a PUT of any other resource is refused (400).
+    ``identity``: who the caller of ``/v1/quotas`` is, as for the middleware.
 
     The admin never closes the store or the source: whoever made them does.
     """
@@ -162,7 +162,7 @@ class QuotaAdmin:
         configured = await asyncio.gather(*(self.store.overrides(project) for project in page))
         body: dict[str, Any] = {
             "project_quotas": [{"project_id": project, "project_quotas": self._configured(values)}
-                               for project, values in zip(page, configured)],
+                               for project, values in zip(page, configured, strict=True)],
             "total": len(projects),
         }
         if offset > 0:

@@ -21,8 +21,8 @@ from .cache import QuotaCache
 from .engine import Admitted, Charge, QuotaEngine
 from .errors import ConfigurationError, RequestError
 from .identity import Identity, IdentityFn
-from .rendering import Rejection, Renderer, barbican_error
 from .quotas import to_store_units
+from .rendering import Rejection, Renderer, barbican_error
 from .rules import RELEASE_CONFIRMED, Rule, RuleTable, route_path
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Store

@@ -17,7 +17,6 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from cachetools import LRUCache
 

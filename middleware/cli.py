@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage_set.add_argument("resource")
     usage_set.add_argument("value", help="in quota units (fractions allowed for scaled resources)")
     _bucket_options(usage_set)
-    usage_reset = usage_commands.add_parser("reset", parents=[common], help="set usage to 0 (live reservations are kept)")
+    usage_reset = usage_commands.add_parser("reset", parents=[common],
+                                            help="set usage to 0 (live reservations are kept)")
     usage_reset.add_argument("project")
     usage_reset.add_argument("resource")
     _bucket_options(usage_reset)
@@ -609,7 +610,8 @@ async def cmd_overrides(ctx: Context, args: argparse.Namespace) -> dict[str, Any
     if args.action == "list":
         projects = await ctx.store.overridden_projects()
         listed = await asyncio.gather(*(ctx.store.overrides(p) for p in projects))
-        return {"projects": [{"project": p, "overrides": dict(sorted(o.items()))} for p, o in zip(projects, listed)]}
+        return {"projects": [{"project": p, "overrides": dict(sorted(o.items()))}
+                             for p, o in zip(projects, listed, strict=True)]}
     project = check_project(args.project)
     if args.action == "set":
         resource = check_resource(args.resource)
@@ -653,8 +655,8 @@ def render_overrides(doc: dict[str, Any], args: argparse.Namespace) -> str:
 # -- output helpers -----------------------------------------------------------------------------
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    return ["  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return ["  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in [headers, *rows]]
 
 

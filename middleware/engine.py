@@ -137,7 +137,8 @@ class QuotaEngine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(source, QuotaSource):
-            raise ConfigurationError(f"source must be a QuotaSource (BarbicanSource, StaticSource, ...), got {source!r}")
+            raise ConfigurationError(f"source must be a QuotaSource (BarbicanSource, StaticSource, ...), "
+                                     f"got {source!r}")
         if store is not None and not isinstance(store, Store):
             raise ConfigurationError(f"store must be a Store (MemoryStore, RedisStore, ...) or None, got {store!r}")
         default_limit = options.integer("default_limit", default_limit)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 from .errors import SourceInvalid
 from .windows import Period, Window
@@ -26,7 +26,7 @@ MAX_LIMIT = 2**53 - 1
 
 
 #: A cost or an amount in quota units: fractions allowed (``0.5`` credits), as a number or a string.
-Number = Union[int, float, Decimal, str]
+Number = int | float | Decimal | str
 
 
 def to_store_units(amount: Number, scale: int) -> int:

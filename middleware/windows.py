@@ -8,7 +8,7 @@ belong to one window and start from zero in the next.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .errors import ConfigurationError
 
@@ -30,9 +30,9 @@ class Window:
 
 def calendar_month(now: float) -> Window:
     """The UTC calendar month that contains ``now``."""
-    day = datetime.fromtimestamp(now, timezone.utc)
-    start = datetime(day.year, day.month, 1, tzinfo=timezone.utc)
-    end = datetime(day.year + (day.month == 12), day.month % 12 + 1, 1, tzinfo=timezone.utc)
+    day = datetime.fromtimestamp(now, UTC)
+    start = datetime(day.year, day.month, 1, tzinfo=UTC)
+    end = datetime(day.year + (day.month == 12), day.month % 12 + 1, 1, tzinfo=UTC)
     return Window(start.timestamp(), end.timestamp())
 
 

@@ -235,10 +235,12 @@ class RedisCluster:
                     "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
                     "--protected-mode", "no", "--logfile", f"{self.dir}/redis-{port}.log"]
             self.processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port, process in zip(self.ports, self.processes):
+        for port, process in zip(self.ports, self.processes, strict=True):
             node = self._node(port)
             try:
-                wait_until(lambda: process.poll() is None and node.ping(), timeout=self._left(deadline),
+                # The check runs before the loop moves on: it binds this node.
+                wait_until(lambda: process.poll() is None and node.ping(),  # noqa: B023
+                           timeout=self._left(deadline),
                            what=f"cluster node 127.0.0.1:{port}")
             finally:
                 node.close()
@@ -253,7 +255,7 @@ class RedisCluster:
         for port in self.ports:
             node = self._node(port)
             try:
-                wait_until(lambda: self._ready(node), timeout=self._left(deadline),
+                wait_until(lambda: self._ready(node), timeout=self._left(deadline),  # noqa: B023
                            what=f"cluster_state:ok on 127.0.0.1:{port}")
             finally:
                 node.close()

@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from middleware import Limit, QuotaSource, Quotas, RedisStore, SourceError, SourceUnavailable
+from middleware import Limit, Quotas, QuotaSource, RedisStore, SourceError, SourceUnavailable
 from middleware.cache import QuotaCache
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
@@ -48,7 +48,7 @@ async def shared(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncItera
         await clients[0].flushall()
     stores = (RedisStore(clients[0], clock=clock), RedisStore(clients[1], clock=clock))
     yield stores
-    for store, client in zip(stores, clients):
+    for store, client in zip(stores, clients, strict=True):
         await store.aclose()
         await client.aclose()
 

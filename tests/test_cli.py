@@ -181,7 +181,7 @@ async def test_reconcile_with_a_count_or_a_counting_function(
              ("nowhere:count", 2, "cannot import")]
     failures = cli_all(*(("reconcile", "p", "secrets", "--from", spec) for spec, _, _ in cases),
                        url=redis_server.url, cwd=tmp_path, expect=None)
-    for (spec, code, message), failed in zip(cases, failures):
+    for (spec, code, message), failed in zip(cases, failures, strict=True):
         assert failed.returncode == code and message in failed.stderr, (spec, failed.stderr)
     assert await store.usage(bucket) == 6  # failures change nothing
 

@@ -69,7 +69,7 @@ async def test_projects_on_every_node_admit_exactly_their_limit(cluster_store: R
     buckets = [Bucket(p, "things") for p in PROJECTS]
     calls = [(b, cluster_store.reserve(b, 1, 7, LEASE)) for b in buckets for _ in range(50)]
     decisions = await asyncio.wait_for(asyncio.gather(*(call for _, call in calls)), WAIT)
-    admitted = Counter(b.project for (b, _), d in zip(calls, decisions) if d.admitted)
+    admitted = Counter(b.project for (b, _), d in zip(calls, decisions, strict=True) if d.admitted)
     assert admitted == {p: 7 for p in PROJECTS}
     assert [await cluster_store.usage(b) for b in buckets] == [7] * len(buckets)
 
@@ -92,7 +92,7 @@ async def test_one_script_call_per_slot_and_keys_on_the_owning_node(
         slots_by_port: dict[int, set[int]] = defaultdict(set)
         for p in PROJECTS:
             slots_by_port[owner_port(cluster_client, slot_of(cluster_store, p))].add(slot_of(cluster_store, p))
-        for port, node in zip(redis_cluster.ports, nodes):
+        for port, node in zip(redis_cluster.ports, nodes, strict=True):
             stats = await node.info("commandstats")
             errors = await node.info("errorstats")
             assert not errors, f"node {port} answered errors: {errors}"
@@ -155,7 +155,7 @@ async def test_middleware_on_the_cluster_admits_exactly_the_limit(cluster_store:
                     for p in projects for _ in range(25)]
         responses: list[httpx.Response] = await asyncio.wait_for(asyncio.gather(*(r for _, r in requests)), WAIT)
     assert {r.status_code for r in responses} == {201, 403}
-    created = Counter(p for (p, _), r in zip(requests, responses) if r.status_code == 201)
+    created = Counter(p for (p, _), r in zip(requests, responses, strict=True) if r.status_code == 201)
     assert created == {p: 7 for p in projects}
     await cluster_store.flush()
     assert [await cluster_store.usage(Bucket(p, "things")) for p in projects] == [7] * len(projects)

@@ -84,7 +84,7 @@ async def test_reservations_of_a_killed_worker_come_back_after_the_lease(
 
 async def _create_retrying(client: httpx.AsyncClient, headers: dict[str, str]) -> int:
     """One create; a connection a dying worker left in the pool may fail once (nothing was sent to the app)."""
-    for attempt in range(20):
+    for _ in range(20):
         try:
             return (await client.post("/things", headers=headers)).status_code
         except httpx.TransportError:

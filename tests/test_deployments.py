@@ -106,7 +106,8 @@ async def spread(port: int, n: int, workers: int = 2, within: float = 10.0) -> l
                 raise AssertionError(f"connections per worker after {within}s: "
                                      f"{ {pid: len(group) for pid, group in kept.items()} }")
             batch = await asyncio.gather(*(Connection.open(port) for _ in range(8)))
-            for connection, answer in zip(batch, await asyncio.gather(*(c.ask("GET", "/", "-") for c in batch))):
+            answers = await asyncio.gather(*(c.ask("GET", "/", "-") for c in batch))
+            for connection, answer in zip(batch, answers, strict=True):
                 connection.pid = answer.doc["pid"]
                 kept.setdefault(answer.doc["pid"], []).append(connection)
     except BaseException:

@@ -11,8 +11,8 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -113,7 +113,7 @@ async def timed_post(client: httpx.AsyncClient, project: str = "p") -> tuple[htt
 
 
 def http_date(seconds_from_now: float) -> str:
-    return format_datetime(datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now), usegmt=True)
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds_from_now), usegmt=True)
 
 
 def assert_unavailable(response: httpx.Response) -> None:

@@ -160,10 +160,9 @@ async def test_refunds_go_back_to_the_block(clock: FakeClock) -> None:
 
 async def test_a_limit_lowered_at_the_source_takes_effect_within_one_ttl(real_redis: aioredis.Redis,
                                                                          clock: FakeClock) -> None:
+    from middleware import BarbicanSource, QuotaMiddleware
     from tests.test_middleware import RULES, client_for, inner_app
     from tests.upstreams import FakeBarbican
-
-    from middleware import BarbicanSource, QuotaMiddleware
 
     upstream = FakeBarbican({"tok": {"things": 100_000}})
     mw = QuotaMiddleware(inner_app(), rules=RULES, store=RedisStore(real_redis, clock=clock), local_leases=True,

@@ -45,8 +45,8 @@ async def test_metrics_count_every_outcome_exactly(store: Store) -> None:
 
 
 async def test_metrics_count_failures_and_are_exposed() -> None:
-    from tests.servers import free_port
     from middleware import RedisStore
+    from tests.servers import free_port
 
     registry = CollectorRegistry()
     metrics = QuotaMetrics(registry)

@@ -71,7 +71,8 @@ async def health(request: Request) -> Response:
 
 
 def inner_app() -> Starlette:
-    return Starlette(routes=[Route("/things", create, methods=["POST"]), Route("/things/{id}", delete, methods=["DELETE"]),
+    return Starlette(routes=[Route("/things", create, methods=["POST"]),
+                             Route("/things/{id}", delete, methods=["DELETE"]),
                              Route("/fail", fail, methods=["POST"]), Route("/boom", boom, methods=["POST"]),
                              Route("/stream", stream, methods=["POST"]), Route("/health", health)])
 

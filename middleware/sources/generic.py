@@ -88,8 +88,8 @@ class JSONSource(HTTPSource):
                 continue
             used_pointer = self.used.get(resource)
             used = None if used_pointer is None else resolve_pointer(doc, used_pointer)
-            limits[resource] = Limit(parse_limit(value, pointer), window=window,
-                                     used=None if used in (None, _MISSING) else max(0, parse_limit(used, str(used_pointer))))
+            reported = None if used in (None, _MISSING) else max(0, parse_limit(used, str(used_pointer)))
+            limits[resource] = Limit(parse_limit(value, pointer), window=window, used=reported)
         return Quotas(limits)
 
 

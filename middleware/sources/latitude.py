@@ -72,8 +72,8 @@ def parse_latitude(doc: Any, project: str, resource: str = "traffic") -> Quotas:
         raise SourceInvalid("Latitude.sh traffic quota has no data.attributes.quota_per_project") from None
     if not isinstance(entries, list):
         raise SourceInvalid("quota_per_project must be a list")
-    entry = next((e for e in entries if isinstance(e, dict) and project in (e.get("project_id"), e.get("project_slug"))),
-                 None)
+    entry = next((e for e in entries
+                  if isinstance(e, dict) and project in (e.get("project_id"), e.get("project_slug"))), None)
     if entry is None:
         raise SourceRejected(f"Latitude.sh reports no traffic quota for project {project!r}", status_code=404)
     method = entry.get("billing_method")

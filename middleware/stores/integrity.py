@@ -87,7 +87,7 @@ class IntegrityWatch:
     async def _check_quietly(self) -> None:
         try:
             await self.check()
-        except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, redis_errors.RedisError, OSError) as exc:
             logger.debug("could not check Redis for lost data: %s", exc)
 
     async def check(self) -> bool:
