@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -25,7 +26,7 @@ from starlette.routing import Route
 from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource, StoreError
 from middleware.stores.redis import BATCH_SCRIPT, UNLOCK_SCRIPT
 from tests.conftest import IN_CI, FakeClock
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 from tests.upstreams import FakeBarbican
 
 pytestmark = pytest.mark.anyio
@@ -409,3 +410,88 @@ async def test_a_release_lost_to_an_outage_gives_the_quota_back_once_redis_is_ba
     took = await wait_for(lambda: _usage_is(guarded.store, 0), 3.0, "the release of the deleted thing")
     assert took < 3.0
     assert (await guarded.post()).status_code == 201
+
+
+# -- settlements that Redis refuses while it runs the script ---------------------------------------
+# Redis refuses a script's first write when it is out of memory (maxmemory, noeviction) or
+# read-only (a replica after a failover): the script still runs and answers, one operation at a
+# time. A refused settlement must be sent again until applied, and applied once.
+
+async def _fill_until_oom(admin: aioredis.Redis) -> list[str]:
+    """Fill Redis with junk until even a small write is refused for memory; returns the junk keys."""
+    used = (await admin.info("memory"))["used_memory"]
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", used + 4 * 1024 * 1024)
+    junk: list[str] = []
+    for size in (65536, 4096, 256, 16):  # a refused write's own query buffer counted: go down to small ones
+        while len(junk) < 5000:
+            try:
+                await admin.set(f"junk:{len(junk)}", b"x" * size)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            junk.append(f"junk:{len(junk)}")
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        await admin.zadd("probe", {"m": 1})
+    return junk
+
+
+async def test_settlements_refused_for_memory_are_applied_once_memory_is_free(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert await store.charge(BUCKET, 2) == 2  # two creations counted earlier
+        kept, dropped = [(await store.reserve(BUCKET, 1, 10, 30_000)).reservation for _ in range(2)]
+        assert kept and dropped and await store.usage(BUCKET) == 4
+        junk = await _fill_until_oom(admin)
+
+        with pytest.raises(StoreError, match="OOM"):  # refused: the release waits to be sent again
+            await store.release(BUCKET, 1)
+        with pytest.raises(StoreError, match="OOM"):  # refused, and nothing reserved
+            await store.reserve(BUCKET, 1, 10, 30_000)
+        await store.commit(kept)
+        await store.refund(dropped)
+        await store.flush()
+        await asyncio.sleep(0.5)  # a few attempts while memory is still full
+
+        await admin.delete(*junk)
+        await wait_for(lambda: _usage_is(store, 2), 5.0, "the release refused for memory")
+        # Exactly once each: 2 + 1 kept - 1 refunded, the dropped one given back once, the release
+        # once; the commit is not given back when the lease would have ended.
+        clock.advance(31)
+        await asyncio.sleep(0.5)
+        assert await store.usage(BUCKET) == 2
+        assert await store.commits(BUCKET) == 1
+        assert await admin.zcard("quota:{p}:things:leases") == 0
+        assert "gave up on a quota settlement" not in caplog.text
+    finally:
+        await store.aclose()
+
+
+async def test_settlements_refused_by_a_read_only_redis_are_applied_once_it_takes_writes(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert await store.charge(BUCKET, 2) == 2
+        kept, dropped = [(await store.reserve(BUCKET, 1, 10, 30_000)).reservation for _ in range(2)]
+        assert kept and dropped
+        # A failover demotes this node: a replica of a master that is not there keeps its data and
+        # refuses writes.
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        await store.commit(kept)
+        await store.refund(dropped)
+        with pytest.raises(StoreError, match="READONLY"):
+            await store.release(BUCKET, 1)
+        await store.flush()
+        assert await store.usage(BUCKET) == 4  # nothing applied yet
+        await asyncio.sleep(0.5)
+
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await wait_for(lambda: _usage_is(store, 2), 5.0, "the settlements refused by a replica")
+        clock.advance(31)
+        await asyncio.sleep(0.5)
+        assert await store.usage(BUCKET) == 2
+        assert await store.commits(BUCKET) == 1
+        assert "gave up on a quota settlement" not in caplog.text
+    finally:
+        await store.aclose()
+

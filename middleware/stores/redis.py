@@ -10,8 +10,9 @@ cluster, one batch at a time, split by hash slot.)
 
 Commits and refunds are handed over without waiting for the answer: the response is already on
 its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
-(Redis down, a timeout) is sent again, with a back-off, until Redis applies it (they wait in
-the process's memory: they survive an outage, not a restart of the worker). Until then the
+(Redis down, a timeout, a write Redis refused: out of memory, read-only) is sent again, with a
+back-off, until Redis applies it (they wait in the process's memory: they survive an outage, not a
+restart of the worker). Until then the
 reservation's lease holds the count; a commit that arrives after its lease expired counts the
 creation again.
 """
@@ -45,6 +46,8 @@ SETTLEMENT_LOST = "gave up on a quota settlement (%s): %s"
 #: most RETRY_FOR seconds (well within the day the script remembers settled members).
 RETRY_MIN, RETRY_MAX, RETRY_FOR = 0.1, 5.0, 6 * 3600.0
 MAX_RETRY_QUEUE = 100_000
+#: The script's flag for an operation Redis refused to write (see batch.lua): sent again.
+REFUSED = -2
 MAX_CALLS_IN_FLIGHT = 32
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
@@ -299,16 +302,14 @@ class RedisStore(Store):
             for op in ops:
                 self._fail(op, error, retry=True)
             return
-        self._retry_delay = RETRY_MIN
-        if self._retry:  # Redis answers again: what waits to be sent again goes first
-            if self._retry_timer is not None:
-                self._retry_timer.cancel()
-            self._resend()
+        refused = False
         for i, op in enumerate(ops):
             flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
-            if flag == -1:
-                # The script ran and refused (a corrupt counter): sending it again would not help.
-                self._fail(op, StoreError(f"store script failed: {_text(used)}"), retry=False)
+            if flag < 0:
+                # The script ran; this operation failed and applied nothing (see batch.lua). What
+                # Redis refused (out of memory, read-only...) is sent again; a corrupt key is final.
+                refused = refused or flag == REFUSED
+                self._fail(op, StoreError(f"store script failed: {_text(used)}"), retry=flag == REFUSED)
             elif op.future is None:
                 continue
             elif op.future.cancelled():
@@ -317,6 +318,12 @@ class RedisStore(Store):
                     self._enqueue(op._replace(kind="f", future=None, retry_since=time.monotonic()))
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
+        if not refused:  # Redis applies again: what waits to be sent again goes now
+            self._retry_delay = RETRY_MIN
+            if self._retry:
+                if self._retry_timer is not None:
+                    self._retry_timer.cancel()
+                self._resend()
 
     async def _run_batch(self, keys: list[str], args: list[Any]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node
