@@ -21,7 +21,8 @@
 -- flag says what happened, with a message instead of the usage:
 --   -1 what sending again cannot mend: a key of ours that is not a number (or a malformed
 --      operation);
---   -2 Redis refused a write (OOM, READONLY, MISCONF, NOREPLICAS...): send it again later.
+--   -2 Redis refused a write (OOM, READONLY, MISCONF, NOREPLICAS...): send it again later;
+--   -3 a reserve whose member is already someone else's lease (see below): not admitted.
 --
 -- A refused operation applied nothing. Redis refuses a script's write for its own state (out of
 -- memory, a read-only replica, a failed save) only while the script has written nothing yet: once
@@ -31,6 +32,13 @@
 -- its lease back), so a corrupt counter fails it unchanged too. (The one exception: a commit takes
 -- its lease before it adds to the commit total; a corrupt total, which only reconciliations read,
 -- then misses that commit.)
+--
+-- A reserve sent again (the connection failed before its answer came back) must not count twice,
+-- and a reserve whose member some other process drew too (ids duplicated by a fork) must not be
+-- admitted for free. Both find their member in the lease set already. The same reservation sent
+-- again carries the same lease expiry: it is answered as admitted, with nothing counted again.
+-- Another's reservation has its own expiry (the same one only if both were made in the same
+-- millisecond with the same lease): flag -3, which the caller turns into a store failure.
 local now = tonumber(ARGV[1])
 local REMEMBER_MS = 86400000
 
@@ -123,10 +131,17 @@ local function effective(overrides, field, scale, limit)
   return value * scale
 end
 
+local DUPLICATE = -3
+
 local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
-    -- NX: the same reservation sent twice (a client retry after a timeout) is reserved once.
-    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return 1, used_of(counter) end
+    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then
+      -- The member holds a lease already: this reservation sent again, or someone else's.
+      if tonumber(redis.call('ZSCORE', leases, member)) ~= lease_until then
+        return DUPLICATE, 'duplicate reservation id ' .. member
+      end
+      return 1, used_of(counter)
+    end
     expire(leases, at)
     -- Optimistic: count first (most requests fit), undo when over the limit.
     local ok, used = pcall(add, counter, amount, at)
