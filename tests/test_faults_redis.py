@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
-import redis.exceptions
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -492,6 +492,40 @@ async def test_settlements_refused_by_a_read_only_redis_are_applied_once_it_take
         assert await store.usage(BUCKET) == 2
         assert await store.commits(BUCKET) == 1
         assert "gave up on a quota settlement" not in caplog.text
+    finally:
+        await store.aclose()
+
+# -- connections Redis closed while they sat idle ----------------------------------------------------
+
+async def test_connections_closed_by_an_idle_timeout_fail_no_request(
+        redis_proc: RedisServer, make: Any, admin: aioredis.Redis) -> None:
+    await admin.config_set("timeout", 1)  # managed Redis and proxies close idle connections
+    guarded = make(redis_proc.url)
+    statuses = [(await guarded.post()).status_code for _ in range(3)]
+    for _ in range(2):
+        await asyncio.sleep(2.5)  # Redis closes the store's connections meanwhile
+        statuses += [(await guarded.post()).status_code for _ in range(3)]
+    assert statuses == [201] * 9
+
+
+async def test_a_restarted_redis_fails_no_request(redis_proc: RedisServer, make: Any) -> None:
+    guarded = make(redis_proc.url)
+    assert (await guarded.post()).status_code == 201
+    redis_proc.kill()
+    redis_proc.start()  # same port, empty (no persistence), the scripts gone
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201] * 3
+
+
+async def test_a_connection_closed_before_the_store_saw_it_is_replaced_once(
+        redis_proc: RedisServer, clock: FakeClock) -> None:
+    """The close reaches the socket but the event loop has not read it yet when the next call goes."""
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert (await store.reserve(BUCKET, 1, 10, 30_000)).admitted
+        with redis.Redis(port=redis_proc.port) as killer:  # blocking: this loop does not run meanwhile
+            assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+            time.sleep(0.05)
+        assert (await store.reserve(BUCKET, 1, 10, 30_000)).used == 2
     finally:
         await store.aclose()
 

@@ -52,6 +52,7 @@ MAX_CALLS_IN_FLIGHT = 32
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
+LOAD_BATCH_SCRIPT = pack_command(("SCRIPT", "LOAD", BATCH_SCRIPT))
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 #: With ``pipeline`` > 1, the first call from idle takes only a share of what waits (at least
@@ -294,13 +295,15 @@ class RedisStore(Store):
             args.append(f"{index} {op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
                         f"{op.scale} {op.field}")
         try:
-            reply = await self._guard(self._run_batch(keys, args))
+            reply = await self._guard(self._run_batch(keys, args, ops))
             if not isinstance(reply, list) or len(reply) != 3 * len(ops):
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
-        except Exception as exc:  # noqa: BLE001 - whatever happened, every caller must hear of it
+        except BaseException as exc:  # whatever happened, every caller must hear of it
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
             for op in ops:
                 self._fail(op, error, retry=True)
+            if not isinstance(exc, Exception):
+                raise
             return
         refused = False
         for i, op in enumerate(ops):
@@ -325,15 +328,29 @@ class RedisStore(Store):
                     self._retry_timer.cancel()
                 self._resend()
 
-    async def _run_batch(self, keys: list[str], args: list[Any]) -> Any:
+    async def _run_batch(self, keys: list[str], args: list[Any], ops: Sequence[_Op]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node
             return await self._script(keys=keys, args=args)
         command = pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
-        try:
-            return await self._pipelined(command)
-        except redis_errors.NoScriptError:
-            await self.client.script_load(BATCH_SCRIPT)  # Redis restarted, or SCRIPT FLUSH
-            return await self._pipelined(command)
+        reloaded = reconnected = False
+        while True:
+            try:
+                return await self._pipelined(command)
+            except redis_errors.NoScriptError:
+                if reloaded:
+                    raise
+                reloaded = True
+                # Redis restarted, or SCRIPT FLUSH. Loaded on this connection, which is known to
+                # work: a pooled one may be as stale as this one was.
+                await self._pipelined(LOAD_BATCH_SCRIPT)
+            except (redis_errors.ConnectionError, OSError):
+                # The connection failed before the answer came back: Redis closed it (an idle
+                # timeout, a restart), most likely before the call arrived, perhaps after it ran.
+                # Once more on a fresh one, when applying the batch twice is harmless: every
+                # operation but a charge is (a reserve sent again is known by its member and expiry).
+                if reconnected or any(op.kind == "a" for op in ops):
+                    raise
+                reconnected = True
 
     async def _pipelined(self, command: bytes) -> Any:
         """Write one call on the batch connection; read its reply once the calls before it have read theirs."""
@@ -345,6 +362,8 @@ class RedisStore(Store):
                 # write and per read. Given back as it came (see aclose).
                 self._socket_timeout, connection.socket_timeout = connection.socket_timeout, None
                 self._batch_connection = connection
+            elif self._closed_while_idle():
+                await self._drop_connection(self._generation)
             connection, generation = self._batch_connection, self._generation
             previous, read = self._last_read, asyncio.get_running_loop().create_future()
             self._last_read = read
@@ -369,6 +388,17 @@ class RedisStore(Store):
         finally:
             if not read.done():
                 read.set_result(None)
+
+    def _closed_while_idle(self) -> bool:
+        """Whether Redis closed the batch connection since its last call (an idle timeout, a restart).
+
+        Asks only what the event loop already read from the socket: no round trip. redis-py's own
+        health check, bypassed on this connection, would cost one.
+        """
+        if self._last_read is not None and not self._last_read.done():
+            return False  # calls in flight: it is not idle, and they would fail with it anyway
+        reader = getattr(self._batch_connection, "_reader", None)  # None, or a test double's, elsewhere
+        return isinstance(reader, asyncio.StreamReader) and (reader.at_eof() or reader.exception() is not None)
 
     async def _drop_connection(self, generation: int) -> None:
         if self._generation != generation or self._batch_connection is None:
