@@ -529,3 +529,37 @@ async def test_a_connection_closed_before_the_store_saw_it_is_replaced_once(
     finally:
         await store.aclose()
 
+# -- reservations nobody holds ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["timeout", "cancelled"])
+async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, how: str) -> None:
+    assert redis_proc.process is not None
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert await store.usage(BUCKET) == 0
+        redis_proc.process.send_signal(signal.SIGSTOP)
+        try:
+            reserving = asyncio.ensure_future(store.reserve(BUCKET, 1, 10, 120_000))
+            if how == "cancelled":  # the client went away before the store's timeout
+                await asyncio.sleep(STORE_TIMEOUT / 3)
+                reserving.cancel()
+            with pytest.raises((StoreError, asyncio.CancelledError)):
+                await reserving
+            await asyncio.sleep(2 * STORE_TIMEOUT)
+        finally:
+            redis_proc.process.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        # Redis ran the reservation when it resumed; the store gives it back well within its lease
+        # (120 s, which the injected clock never reaches).
+        await wait_for(lambda: _no_lease_left(admin), 5.0, "the reservation's give-back")
+        took = time.monotonic() - resumed
+        assert await admin.get("quota:{p}:things:used") == b"0", "the reservation never reached Redis"
+        assert await store.usage(BUCKET) == 0
+        print(f"given back {took:.2f}s after Redis resumed")
+    finally:
+        await store.aclose()
+
+
+async def _no_lease_left(admin: aioredis.Redis) -> bool:
+    return await admin.get("quota:{p}:things:used") == b"0" and await admin.zcard("quota:{p}:things:leases") == 0

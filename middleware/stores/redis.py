@@ -294,14 +294,22 @@ class RedisStore(Store):
                 keys += op.keys
             args.append(f"{index} {op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
                         f"{op.scale} {op.field}")
+        written: list[bool] = []  # not empty once the call may have reached Redis
         try:
-            reply = await self._guard(self._run_batch(keys, args, ops))
+            reply = await self._guard(self._run_batch(keys, args, ops, written))
             if not isinstance(reply, list) or len(reply) != 3 * len(ops):
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
         except BaseException as exc:  # whatever happened, every caller must hear of it
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
             for op in ops:
                 self._fail(op, error, retry=True)
+                if written and op.kind == "r":
+                    # Redis may still run it (a paused Redis, a lost answer) for a caller already
+                    # answered: give it back like a settlement, until applied (a no-op if it never
+                    # ran). Redis reads the reserve's waiting bytes before a new connection's; only
+                    # a reserve still in transit on a lossy network could land after, and then
+                    # hold its lease until it expires, as it did before.
+                    self._fail(op._replace(kind="f", future=None, retry_since=time.monotonic()), error, retry=True)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -328,14 +336,18 @@ class RedisStore(Store):
                     self._retry_timer.cancel()
                 self._resend()
 
-    async def _run_batch(self, keys: list[str], args: list[Any], ops: Sequence[_Op]) -> Any:
+    async def _run_batch(self, keys: list[str], args: list[Any], ops: Sequence[_Op], written: list[bool]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node
-            return await self._script(keys=keys, args=args)
+            try:
+                return await self._script(keys=keys, args=args)
+            except asyncio.CancelledError:  # the timeout: what the client had sent is not known
+                written.append(True)
+                raise
         command = pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
         reloaded = reconnected = False
         while True:
             try:
-                return await self._pipelined(command)
+                return await self._pipelined(command, written)
             except redis_errors.NoScriptError:
                 if reloaded:
                     raise
@@ -352,8 +364,11 @@ class RedisStore(Store):
                     raise
                 reconnected = True
 
-    async def _pipelined(self, command: bytes) -> Any:
-        """Write one call on the batch connection; read its reply once the calls before it have read theirs."""
+    async def _pipelined(self, command: bytes, written: list[bool] | None = None) -> Any:
+        """Write one call on the batch connection; read its reply once the calls before it have read theirs.
+
+        ``written`` gets an entry once the call may have reached Redis.
+        """
         async with self._writing:  # the order of the writes is the order of the replies
             if self._batch_connection is None:
                 # Held from the client's pool, and closed with it if the store is not closed first.
@@ -365,8 +380,12 @@ class RedisStore(Store):
             elif self._closed_while_idle():
                 await self._drop_connection(self._generation)
             connection, generation = self._batch_connection, self._generation
+            if not connection.is_connected:
+                await connection.connect()  # a call that fails here never reached Redis
             previous, read = self._last_read, asyncio.get_running_loop().create_future()
             self._last_read = read
+            if written is not None:
+                written.append(True)
             try:
                 await connection.send_packed_command(command, check_health=False)
             except BaseException:

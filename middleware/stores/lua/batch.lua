@@ -13,9 +13,10 @@
 --       amount, limit, lease expiry ms, key expiry ms (0: the keys never expire; windowed
 --       counters expire after their window), scale (store units per quota unit) and the
 --       override field ('-': no override applies).
--- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage (member: '-', or the
---        commit total read before the true usage was, whose commits since are added), k commit
---        total, m metering check, a add (charge), x seed (raise to at least).
+-- Kinds: r reserve, c commit, f refund (with a lease expiry: the give-back of a reservation
+--        nobody holds, which takes only that very lease), l release, u usage, s set usage
+--        (member: '-', or the commit total read before the true usage was, whose commits since
+--        are added), k commit total, m metering check, a add (charge), x seed (raise to at least).
 -- Returns a flat array, three entries per operation: flag, usage, the limit applied (an override
 -- replaces the caller's limit). An error in one operation does not stop the others (pcall); its
 -- flag says what happened, with a message instead of the usage:
@@ -175,6 +176,9 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
     return 0, 0
   elseif kind == 'f' then
     local used = used_of(counter)
+    -- A give-back takes only the lease of that very reservation (same expiry), never another's,
+    -- and nothing if the reservation never ran: then it leaves nothing behind either.
+    if lease_until > 0 and tonumber(redis.call('ZSCORE', leases, member)) ~= lease_until then return 0, used end
     if redis.call('ZREM', leases, member) == 1 then return 1, give_back(counter, used, amount, at) end
     redis.call('ZREM', settled, member)  -- already given back when its lease expired
     return 0, used
