@@ -563,3 +563,29 @@ async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
 
 async def _no_lease_left(admin: aioredis.Redis) -> bool:
     return await admin.get("quota:{p}:things:used") == b"0" and await admin.zcard("quota:{p}:things:leases") == 0
+
+
+async def test_redis_killed_with_calls_in_flight_answers_every_caller(redis_proc: RedisServer,
+                                                                     clock: FakeClock) -> None:
+    assert redis_proc.process is not None
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, pipeline=3, clock=clock)
+    try:
+        assert await store.usage(BUCKET) == 0
+        redis_proc.process.send_signal(signal.SIGSTOP)  # the calls pile up, written and unanswered
+        calls = asyncio.gather(*(store.reserve(Bucket(f"p{i}", "things"), 1, 10, 30_000) for i in range(600)),
+                               return_exceptions=True)
+        await asyncio.sleep(STORE_TIMEOUT / 3)
+        redis_proc.kill()  # mid-batch: the connection is reset under them
+        results = await asyncio.wait_for(calls, 10 * STORE_TIMEOUT)
+        assert all(isinstance(result, StoreError) for result in results), {type(r) for r in results}
+        redis_proc.start()
+        await wait_for(lambda: _answers_reserve(store), 2.0, "a reserve on the restarted Redis")
+    finally:
+        await store.aclose()
+
+
+async def _answers_reserve(store: RedisStore) -> bool:
+    try:
+        return (await store.reserve(BUCKET, 1, 10, 30_000)).admitted
+    except StoreError:
+        return False
