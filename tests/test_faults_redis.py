@@ -516,6 +516,22 @@ async def test_a_restarted_redis_fails_no_request(redis_proc: RedisServer, make:
     assert [(await guarded.post()).status_code for _ in range(3)] == [201] * 3
 
 
+async def test_pooled_calls_survive_an_idle_timeout_and_a_restart(redis_proc: RedisServer, admin: aioredis.Redis,
+                                                                   clock: FakeClock) -> None:
+    """Shared blobs, locks and overrides go through the client's pool, not the batch connection."""
+    await admin.config_set("timeout", 1)
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        await store.save_shared("quota:{p}:blob", b"v", 60_000)
+        await asyncio.sleep(2.5)  # Redis closes the pooled connection meanwhile
+        assert await store.load_shared("quota:{p}:blob") == b"v"
+        redis_proc.kill()
+        redis_proc.start()
+        assert await store.load_shared("quota:{p}:blob") is None  # an empty Redis, not a StoreError
+    finally:
+        await store.aclose()
+
+
 async def test_a_connection_closed_before_the_store_saw_it_is_replaced_once(
         redis_proc: RedisServer, clock: FakeClock) -> None:
     """The close reaches the socket but the event loop has not read it yet when the next call goes."""

@@ -32,6 +32,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from hiredis import pack_command
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from ..errors import ConfigurationError, StoreError
@@ -111,7 +113,12 @@ class RedisStore(Store):
             # No socket timeout (redis-py's default is 5 s): every call is bounded by ``timeout``
             # here (see _guard), and a socket timeout wraps each write and read in a task of its
             # own, which cost more worker CPU than the round trip itself.
-            redis = aioredis.Redis.from_url(redis, socket_timeout=None, socket_connect_timeout=timeout)
+            # A pooled connection Redis closed (an idle timeout, a restart) is not always noticed
+            # before use (redis-py 8 skips the check while maintenance notifications are on):
+            # once more on a new one. Those calls (shared blobs, locks, overrides) bear a repeat.
+            redis = aioredis.Redis.from_url(redis, socket_timeout=None, socket_connect_timeout=timeout,
+                                            retry=Retry(NoBackoff(), 1),
+                                            retry_on_error=[redis_errors.ConnectionError])
             self._owns_client = True
         else:
             self._owns_client = False
