@@ -69,8 +69,8 @@ local function set_used(counter, used, at)
 end
 
 local function add(counter, amount, at)
-  local ok, used = pcall(redis.call, 'INCRBY', counter, amount)
-  if not ok then
+  local used = redis.pcall('INCRBY', counter, amount)
+  if type(used) == 'table' then  -- an error reply
     used_of(counter)  -- raises the clear error if the key is not a number, or, if it is, ...
     error(used, 0)    -- ... whatever Redis refused
   end
