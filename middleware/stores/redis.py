@@ -12,9 +12,8 @@ Commits and refunds are handed over without waiting for the answer: the response
 its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
 (Redis down, a timeout, a write Redis refused: out of memory, read-only) is sent again, with a
 back-off, until Redis applies it (they wait in the process's memory: they survive an outage, not a
-restart of the worker). Until then the
-reservation's lease holds the count; a commit that arrives after its lease expired counts the
-creation again.
+restart of the worker). Until then the reservation's lease holds the count; a commit that arrives
+after its lease expired counts the creation again.
 """
 
 from __future__ import annotations
@@ -311,11 +310,11 @@ class RedisStore(Store):
             for op in ops:
                 self._fail(op, error, retry=True)
                 if written and op.kind == "r":
-                    # Redis may still run it (a paused Redis, a lost answer) for a caller already
+                    # Redis may still run it (paused, or its answer was lost) for a caller already
                     # answered: give it back like a settlement, until applied (a no-op if it never
-                    # ran). Redis reads the reserve's waiting bytes before a new connection's; only
-                    # a reserve still in transit on a lossy network could land after, and then
-                    # hold its lease until it expires, as it did before.
+                    # ran). Redis reads the reserve's waiting bytes before a new connection's: only
+                    # a reserve delayed in the network could land after, and hold its lease until
+                    # it expires, as before.
                     self._fail(op._replace(kind="f", future=None, retry_since=time.monotonic()), error, retry=True)
             if not isinstance(exc, Exception):
                 raise
