@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,7 +26,7 @@ from starlette.routing import Route
 from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource, StoreError
 from middleware.stores.redis import BATCH_SCRIPT, UNLOCK_SCRIPT
 from tests.conftest import IN_CI, FakeClock
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 from tests.upstreams import FakeBarbican
 
 pytestmark = pytest.mark.anyio
@@ -409,3 +410,195 @@ async def test_a_release_lost_to_an_outage_gives_the_quota_back_once_redis_is_ba
     took = await wait_for(lambda: _usage_is(guarded.store, 0), 3.0, "the release of the deleted thing")
     assert took < 3.0
     assert (await guarded.post()).status_code == 201
+
+
+# -- settlements that Redis refuses while it runs the script ---------------------------------------
+# Redis refuses a script's first write when it is out of memory (maxmemory, noeviction) or
+# read-only (a replica after a failover): the script still runs and answers, one operation at a
+# time. A refused settlement must be sent again until applied, and applied once.
+
+async def _fill_until_oom(admin: aioredis.Redis) -> list[str]:
+    """Fill Redis with junk until even a small write is refused for memory; returns the junk keys."""
+    used = (await admin.info("memory"))["used_memory"]
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", used + 4 * 1024 * 1024)
+    junk: list[str] = []
+    for size in (65536, 4096, 256, 16):  # a refused write's own query buffer counted: go down to small ones
+        while len(junk) < 5000:
+            try:
+                await admin.set(f"junk:{len(junk)}", b"x" * size)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            junk.append(f"junk:{len(junk)}")
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        await admin.zadd("probe", {"m": 1})
+    return junk
+
+
+async def test_settlements_refused_for_memory_are_applied_once_memory_is_free(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert await store.charge(BUCKET, 2) == 2  # two creations counted earlier
+        kept, dropped = [(await store.reserve(BUCKET, 1, 10, 30_000)).reservation for _ in range(2)]
+        assert kept and dropped and await store.usage(BUCKET) == 4
+        junk = await _fill_until_oom(admin)
+
+        with pytest.raises(StoreError, match="OOM"):  # refused: the release waits to be sent again
+            await store.release(BUCKET, 1)
+        with pytest.raises(StoreError, match="OOM"):  # refused, and nothing reserved
+            await store.reserve(BUCKET, 1, 10, 30_000)
+        await store.commit(kept)
+        await store.refund(dropped)
+        await store.flush()
+        await asyncio.sleep(0.5)  # a few attempts while memory is still full
+
+        await admin.delete(*junk)
+        await wait_for(lambda: _usage_is(store, 2), 5.0, "the release refused for memory")
+        # Exactly once each: 2 + 1 kept - 1 refunded, the dropped one given back once, the release
+        # once; the commit is not given back when the lease would have ended.
+        clock.advance(31)
+        await asyncio.sleep(0.5)
+        assert await store.usage(BUCKET) == 2
+        assert await store.commits(BUCKET) == 1
+        assert await admin.zcard("quota:{p}:things:leases") == 0
+        assert "gave up on a quota settlement" not in caplog.text
+    finally:
+        await store.aclose()
+
+
+async def test_settlements_refused_by_a_read_only_redis_are_applied_once_it_takes_writes(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert await store.charge(BUCKET, 2) == 2
+        kept, dropped = [(await store.reserve(BUCKET, 1, 10, 30_000)).reservation for _ in range(2)]
+        assert kept and dropped
+        # A failover demotes this node: a replica of a master that is not there keeps its data and
+        # refuses writes.
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        await store.commit(kept)
+        await store.refund(dropped)
+        with pytest.raises(StoreError, match="READONLY"):
+            await store.release(BUCKET, 1)
+        await store.flush()
+        assert await store.usage(BUCKET) == 4  # nothing applied yet
+        await asyncio.sleep(0.5)
+
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await wait_for(lambda: _usage_is(store, 2), 5.0, "the settlements refused by a replica")
+        clock.advance(31)
+        await asyncio.sleep(0.5)
+        assert await store.usage(BUCKET) == 2
+        assert await store.commits(BUCKET) == 1
+        assert "gave up on a quota settlement" not in caplog.text
+    finally:
+        await store.aclose()
+
+# -- connections Redis closed while they sat idle ----------------------------------------------------
+
+async def test_connections_closed_by_an_idle_timeout_fail_no_request(
+        redis_proc: RedisServer, make: Any, admin: aioredis.Redis) -> None:
+    await admin.config_set("timeout", 1)  # managed Redis and proxies close idle connections
+    guarded = make(redis_proc.url)
+    statuses = [(await guarded.post()).status_code for _ in range(3)]
+    for _ in range(2):
+        await asyncio.sleep(2.5)  # Redis closes the store's connections meanwhile
+        statuses += [(await guarded.post()).status_code for _ in range(3)]
+    assert statuses == [201] * 9
+
+
+async def test_a_restarted_redis_fails_no_request(redis_proc: RedisServer, make: Any) -> None:
+    guarded = make(redis_proc.url)
+    assert (await guarded.post()).status_code == 201
+    redis_proc.kill()
+    redis_proc.start()  # same port, empty (no persistence), the scripts gone
+    assert [(await guarded.post()).status_code for _ in range(3)] == [201] * 3
+
+
+async def test_pooled_calls_survive_an_idle_timeout_and_a_restart(redis_proc: RedisServer, admin: aioredis.Redis,
+                                                                   clock: FakeClock) -> None:
+    """Shared blobs, locks and overrides go through the client's pool, not the batch connection."""
+    await admin.config_set("timeout", 1)
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        await store.save("p", "static", "quotas", b"v", 60_000)
+        await asyncio.sleep(2.5)  # Redis closes the pooled connection meanwhile
+        assert await store.load("p", "static", "quotas") == b"v"
+        redis_proc.kill()
+        redis_proc.start()
+        assert await store.load("p", "static", "quotas") is None  # an empty Redis, not a StoreError
+    finally:
+        await store.aclose()
+
+
+async def test_a_connection_closed_before_the_store_saw_it_is_replaced_once(
+        redis_proc: RedisServer, clock: FakeClock) -> None:
+    """The close reaches the socket but the event loop has not read it yet when the next call goes."""
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert (await store.reserve(BUCKET, 1, 10, 30_000)).admitted
+        with redis.Redis(port=redis_proc.port) as killer:  # blocking: this loop does not run meanwhile
+            assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+            time.sleep(0.05)
+        assert (await store.reserve(BUCKET, 1, 10, 30_000)).used == 2
+    finally:
+        await store.aclose()
+
+# -- reservations nobody holds ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["timeout", "cancelled"])
+async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, how: str) -> None:
+    assert redis_proc.process is not None
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        assert await store.usage(BUCKET) == 0
+        redis_proc.process.send_signal(signal.SIGSTOP)
+        try:
+            reserving = asyncio.ensure_future(store.reserve(BUCKET, 1, 10, 120_000))
+            if how == "cancelled":  # the client went away before the store's timeout
+                await asyncio.sleep(STORE_TIMEOUT / 3)
+                reserving.cancel()
+            with pytest.raises((StoreError, asyncio.CancelledError)):
+                await reserving
+            await asyncio.sleep(2 * STORE_TIMEOUT)
+        finally:
+            redis_proc.process.send_signal(signal.SIGCONT)
+        # Redis ran the reservation when it resumed; the store gives it back well within its lease
+        # (120 s, which the injected clock never reaches).
+        await wait_for(lambda: _no_lease_left(admin), 5.0, "the reservation's give-back")
+        assert await admin.get("quota:{p}:things:used") == b"0", "the reservation never reached Redis"
+        assert await store.usage(BUCKET) == 0
+    finally:
+        await store.aclose()
+
+
+async def _no_lease_left(admin: aioredis.Redis) -> bool:
+    return await admin.get("quota:{p}:things:used") == b"0" and await admin.zcard("quota:{p}:things:leases") == 0
+
+
+async def test_redis_killed_with_calls_in_flight_answers_every_caller(redis_proc: RedisServer,
+                                                                     clock: FakeClock) -> None:
+    assert redis_proc.process is not None
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, pipeline=3, clock=clock)
+    try:
+        assert await store.usage(BUCKET) == 0
+        redis_proc.process.send_signal(signal.SIGSTOP)  # the calls pile up, written and unanswered
+        calls = asyncio.gather(*(store.reserve(Bucket(f"p{i}", "things"), 1, 10, 30_000) for i in range(600)),
+                               return_exceptions=True)
+        await asyncio.sleep(STORE_TIMEOUT / 3)
+        redis_proc.kill()  # mid-batch: the connection is reset under them
+        results = await asyncio.wait_for(calls, 10 * STORE_TIMEOUT)
+        assert all(isinstance(result, StoreError) for result in results), {type(r) for r in results}
+        redis_proc.start()
+        await wait_for(lambda: _answers_reserve(store), 2.0, "a reserve on the restarted Redis")
+    finally:
+        await store.aclose()
+
+
+async def _answers_reserve(store: RedisStore) -> bool:
+    try:
+        return (await store.reserve(BUCKET, 1, 10, 30_000)).admitted
+    except StoreError:
+        return False

@@ -234,6 +234,51 @@ async def test_a_corrupt_counter_fails_alone(store: Store) -> None:
     assert await store.client.get(counter) == b"not-a-number"  # nothing was made up
 
 
+async def test_a_settlement_on_a_corrupt_counter_is_given_up_loudly_and_changes_nothing(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    store = getattr(store, "inner", store)
+    if not isinstance(store, RedisStore):
+        pytest.skip("only Redis can be corrupted from outside")
+    held = await store.reserve(B, 1, 5, LEASE)
+    assert held.reservation
+    counter, leases, _ = counter_keys(store.prefix, B.project, B.resource)
+    await store.client.set(counter, b"not-a-number")
+    await store.refund(held.reservation)
+    await store.flush()
+    lost = [r for r in caplog.records if r.getMessage().startswith("gave up on a quota settlement")]
+    assert [r.levelname for r in lost] == ["ERROR"] and "not a number" in lost[0].getMessage()
+    assert not store._retry  # sending it again cannot mend a corrupt counter
+    assert await store.client.zscore(leases, held.reservation.member) is not None  # the lease was not taken
+
+
+async def test_a_reservation_sent_again_counts_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = getattr(store, "inner", store)
+    if not isinstance(store, RedisStore):
+        pytest.skip("only the Redis store sends a reservation again (after a lost connection)")
+    monkeypatch.setattr("middleware.stores.redis.new_member", lambda cost: f"same-id:{cost}")
+    first = await store.reserve(B, 1, 5, LEASE)
+    again = await store.reserve(B, 1, 5, LEASE)  # same member, same lease expiry: a resend
+    assert first.admitted and again.admitted
+    assert again.used == 1 and await store.usage(B) == 1
+
+
+async def test_a_reservation_id_another_holds_is_never_a_free_admission(
+        store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = getattr(store, "inner", store)
+    if not isinstance(store, RedisStore):
+        pytest.skip("ids collide only across processes sharing a store")
+    # Processes forked after import may draw the same ids: the script must not admit the second.
+    monkeypatch.setattr("middleware.stores.redis.new_member", lambda cost: f"same-id:{cost}")
+    mine = await store.reserve(B, 1, 5, LEASE)
+    assert mine.reservation
+    clock.advance(0.001)  # another process, a millisecond later
+    with pytest.raises(StoreError, match="duplicate reservation id"):
+        await store.reserve(B, 1, 5, LEASE)
+    assert await store.usage(B) == 1
+    await store.refund(mine.reservation)  # the holder's lease is untouched
+    assert await store.usage(B) == 0
+
+
 async def test_scripts_reload_after_script_flush(store: Store) -> None:
     store = getattr(store, "inner", store)
     if not isinstance(store, RedisStore):

@@ -10,10 +10,10 @@ cluster, one batch at a time, split by hash slot.)
 
 Commits and refunds are handed over without waiting for the answer: the response is already on
 its way. Every settlement (commit, refund, release) is idempotent in the script, so one that fails
-(Redis down, a timeout) is sent again, with a back-off, until Redis applies it (they wait in
-the process's memory: they survive an outage, not a restart of the worker). Until then the
-reservation's lease holds the count; a commit that arrives after its lease expired counts the
-creation again.
+(Redis down, a timeout, a write Redis refused: out of memory, read-only) is sent again, with a
+back-off, until Redis applies it (they wait in the process's memory: they survive an outage, not a
+restart of the worker). Until then the reservation's lease holds the count; a commit that arrives
+after its lease expired counts the creation again.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from hiredis import pack_command
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from ..errors import ConfigurationError, StoreError
@@ -46,10 +48,13 @@ SETTLEMENT_LOST = "gave up on a quota settlement (%s): %s"
 #: most RETRY_FOR seconds (well within the day the script remembers settled members).
 RETRY_MIN, RETRY_MAX, RETRY_FOR = 0.1, 5.0, 6 * 3600.0
 MAX_RETRY_QUEUE = 100_000
+#: The script's flag for an operation Redis refused to write (see batch.lua): sent again.
+REFUSED = -2
 MAX_CALLS_IN_FLIGHT = 32
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
+LOAD_BATCH_SCRIPT = pack_command(("SCRIPT", "LOAD", BATCH_SCRIPT))
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 #: With ``pipeline`` > 1, the first call from idle takes only a share of what waits (at least
@@ -108,7 +113,12 @@ class RedisStore(Store, SharedState):
             # No socket timeout (redis-py's default is 5 s): every call is bounded by ``timeout``
             # here (see _guard), and a socket timeout wraps each write and read in a task of its
             # own, which cost more worker CPU than the round trip itself.
-            redis = aioredis.Redis.from_url(redis, socket_timeout=None, socket_connect_timeout=timeout)
+            # A pooled connection Redis closed (an idle timeout, a restart) is not always noticed
+            # before use (redis-py 8 skips the check while maintenance notifications are on):
+            # once more on a new one. Those calls (shared blobs, locks, overrides) bear a repeat.
+            redis = aioredis.Redis.from_url(redis, socket_timeout=None, socket_connect_timeout=timeout,
+                                            retry=Retry(NoBackoff(), 1),
+                                            retry_on_error=[redis_errors.ConnectionError])
             self._owns_client = True
         else:
             self._owns_client = False
@@ -301,25 +311,33 @@ class RedisStore(Store, SharedState):
                 keys += op.keys
             args.append(f"{index} {op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
                         f"{op.scale} {op.field}")
+        written: list[bool] = []  # not empty once the call may have reached Redis
         try:
-            reply = await self._guard(self._run_batch(keys, args))
+            reply = await self._guard(self._run_batch(keys, args, ops, written))
             if not isinstance(reply, list) or len(reply) != 3 * len(ops):
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
-        except Exception as exc:  # noqa: BLE001 - whatever happened, every caller must hear of it
+        except BaseException as exc:  # whatever happened, every caller must hear of it
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
             for op in ops:
                 self._fail(op, error, retry=True)
+                if written and op.kind == "r":
+                    # Redis may still run it (paused, or its answer was lost) for a caller already
+                    # answered: give it back like a settlement, until applied (a no-op if it never
+                    # ran). Redis reads the reserve's waiting bytes before a new connection's: only
+                    # a reserve delayed in the network could land after, and hold its lease until
+                    # it expires, as before.
+                    self._fail(op._replace(kind="f", future=None, retry_since=time.monotonic()), error, retry=True)
+            if not isinstance(exc, Exception):
+                raise
             return
-        self._retry_delay = RETRY_MIN
-        if self._retry:  # Redis answers again: what waits to be sent again goes first
-            if self._retry_timer is not None:
-                self._retry_timer.cancel()
-            self._resend()
+        refused = False
         for i, op in enumerate(ops):
             flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
-            if flag == -1:
-                # The script ran and refused (a corrupt counter): sending it again would not help.
-                self._fail(op, StoreError(f"store script failed: {_text(used)}"), retry=False)
+            if flag < 0:
+                # The script ran; this operation failed and applied nothing (see batch.lua). What
+                # Redis refused (out of memory, read-only...) is sent again; a corrupt key is final.
+                refused = refused or flag == REFUSED
+                self._fail(op, StoreError(f"store script failed: {_text(used)}"), retry=flag == REFUSED)
             elif op.future is None:
                 continue
             elif op.future.cancelled():
@@ -328,19 +346,46 @@ class RedisStore(Store, SharedState):
                     self._enqueue(op._replace(kind="f", future=None, retry_since=time.monotonic()))
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
+        if not refused:  # Redis applies again: what waits to be sent again goes now
+            self._retry_delay = RETRY_MIN
+            if self._retry:
+                if self._retry_timer is not None:
+                    self._retry_timer.cancel()
+                self._resend()
 
-    async def _run_batch(self, keys: list[str], args: list[Any]) -> Any:
+    async def _run_batch(self, keys: list[str], args: list[Any], ops: Sequence[_Op], written: list[bool]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node
-            return await self._script(keys=keys, args=args)
+            try:
+                return await self._script(keys=keys, args=args)
+            except asyncio.CancelledError:  # the timeout: what the client had sent is not known
+                written.append(True)
+                raise
         command = pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
-        try:
-            return await self._pipelined(command)
-        except redis_errors.NoScriptError:
-            await self.client.script_load(BATCH_SCRIPT)  # Redis restarted, or SCRIPT FLUSH
-            return await self._pipelined(command)
+        reloaded = reconnected = False
+        while True:
+            try:
+                return await self._pipelined(command, written)
+            except redis_errors.NoScriptError:
+                if reloaded:
+                    raise
+                reloaded = True
+                # Redis restarted, or SCRIPT FLUSH. Loaded on this connection, which is known to
+                # work: a pooled one may be as stale as this one was.
+                await self._pipelined(LOAD_BATCH_SCRIPT)
+            except (redis_errors.ConnectionError, OSError):
+                # The connection failed before the answer came back: Redis closed it (an idle
+                # timeout, a restart), most likely before the call arrived, perhaps after it ran.
+                # Once more on a fresh one, when applying the batch twice is harmless: every
+                # operation but a charge is (a reserve sent again is known by its member and expiry).
+                if reconnected or any(op.kind == "a" for op in ops):
+                    raise
+                reconnected = True
 
-    async def _pipelined(self, command: bytes) -> Any:
-        """Write one call on the batch connection; read its reply once the calls before it have read theirs."""
+    async def _pipelined(self, command: bytes, written: list[bool] | None = None) -> Any:
+        """Write one call on the batch connection; read its reply once the calls before it have read theirs.
+
+        ``written`` gets an entry once the call may have reached Redis.
+        """
         async with self._writing:  # the order of the writes is the order of the replies
             if self._batch_connection is None:
                 # Held from the client's pool, and closed with it if the store is not closed first.
@@ -349,10 +394,16 @@ class RedisStore(Store, SharedState):
                 # write and per read. Given back as it came (see aclose).
                 self._socket_timeout, connection.socket_timeout = connection.socket_timeout, None
                 self._batch_connection = connection
-                self.integrity.soon()  # a new connection may be to a Redis that restarted empty
+            elif self._closed_while_idle():
+                await self._drop_connection(self._generation)
             connection, generation = self._batch_connection, self._generation
+            if not connection.is_connected:
+                await connection.connect()  # a call that fails here never reached Redis
+                self.integrity.soon()  # a new connection may be to a Redis that restarted empty
             previous, read = self._last_read, asyncio.get_running_loop().create_future()
             self._last_read = read
+            if written is not None:
+                written.append(True)
             try:
                 await connection.send_packed_command(command, check_health=False)
             except BaseException:
@@ -374,6 +425,17 @@ class RedisStore(Store, SharedState):
         finally:
             if not read.done():
                 read.set_result(None)
+
+    def _closed_while_idle(self) -> bool:
+        """Whether Redis closed the batch connection since its last call (an idle timeout, a restart).
+
+        Asks only what the event loop already read from the socket: no round trip. redis-py's own
+        health check, bypassed on this connection, would cost one.
+        """
+        if self._last_read is not None and not self._last_read.done():
+            return False  # calls in flight: it is not idle, and they would fail with it anyway
+        reader = getattr(self._batch_connection, "_reader", None)  # None, or a test double's, elsewhere
+        return isinstance(reader, asyncio.StreamReader) and (reader.at_eof() or reader.exception() is not None)
 
     async def _drop_connection(self, generation: int) -> None:
         if self._generation != generation or self._batch_connection is None:

@@ -13,20 +13,46 @@
 --       amount, limit, lease expiry ms, key expiry ms (0: the keys never expire; windowed
 --       counters expire after their window), scale (store units per quota unit) and the
 --       override field ('-': no override applies).
--- Kinds: r reserve, c commit, f refund, l release, u usage, s set usage (member: '-', or the
---        commit total read before the true usage was, whose commits since are added), k commit
---        total, m metering check, a add (charge), x seed (raise to at least).
+-- Kinds: r reserve, c commit, f refund (with a lease expiry: the give-back of a reservation
+--        nobody holds, which takes only that very lease), l release, u usage, s set usage
+--        (member: '-', or the commit total read before the true usage was, whose commits since
+--        are added), k commit total, m metering check, a add (charge), x seed (raise to at least).
 -- Returns a flat array, three entries per operation: flag, usage, the limit applied (an override
--- replaces the caller's limit). Flag -1 carries an error message instead of the usage, and an
--- error in one operation does not stop the others (pcall).
+-- replaces the caller's limit). An error in one operation does not stop the others (pcall); its
+-- flag says what happened, with a message instead of the usage:
+--   -1 what sending again cannot mend: a key of ours that is not a number (or a malformed
+--      operation);
+--   -2 Redis refused a write (OOM, READONLY, MISCONF, NOREPLICAS...): send it again later;
+--   -3 a reserve whose member is already someone else's lease (see below): not admitted.
+--
+-- A refused operation applied nothing. Redis refuses a script's write for its own state (out of
+-- memory, a read-only replica, a failed save) only while the script has written nothing yet: once
+-- it wrote, it is never stopped midway. So an operation refused that way failed at its first
+-- write, before it changed anything, and a later operation can only be refused the same way.
+-- Each operation also checks the counters it writes before it changes anything (a reserve takes
+-- its lease back), so a corrupt counter fails it unchanged too. (The one exception: a commit takes
+-- its lease before it adds to the commit total; a corrupt total, which only reconciliations read,
+-- then misses that commit.)
+--
+-- A reserve sent again (the connection failed before its answer came back) must not count twice,
+-- and a reserve whose member some other process drew too (ids duplicated by a fork) must not be
+-- admitted for free. Both find their member in the lease set already. The same reservation sent
+-- again carries the same lease expiry: it is answered as admitted, with nothing counted again.
+-- Another's reservation has its own expiry (the same one only if both were made in the same
+-- millisecond with the same lease): flag -3, which the caller turns into a store failure.
 local now = tonumber(ARGV[1])
 local REMEMBER_MS = 86400000
+
+-- What sending again cannot mend is raised as a table, to tell it from what Redis refused.
+local function final(message)
+  error({final = message})
+end
 
 local function used_of(counter)
   local raw = redis.call('GET', counter)
   if not raw then return 0 end
   local used = tonumber(raw)
-  if not used then error('usage counter ' .. counter .. ' is not a number') end
+  if not used then final('counter ' .. counter .. ' is not a number') end
   return used
 end
 
@@ -43,13 +69,17 @@ local function set_used(counter, used, at)
 end
 
 local function add(counter, amount, at)
-  local used = redis.call('INCRBY', counter, amount)
+  local used = redis.pcall('INCRBY', counter, amount)
+  if type(used) == 'table' then  -- an error reply
+    used_of(counter)  -- raises the clear error if the key is not a number, or, if it is, ...
+    error(used, 0)    -- ... whatever Redis refused
+  end
   expire(counter, at)
   return used
 end
 
-local function give_back(counter, amount, at)
-  local used = used_of(counter)
+-- ``used``: the counter as read before this operation's first write.
+local function give_back(counter, used, amount, at)
   if amount <= 0 then return used end
   used = used - amount
   if used < 0 then used = 0 end
@@ -69,17 +99,18 @@ local function remember(settled, member, at)
 end
 
 -- Leases past their expiry belong to requests that never settled: give their cost back, and
--- remember them, so that a commit arriving late counts its creation again.
+-- remember them, so that a commit arriving late counts its creation again. Returns the usage.
 local function purge(counter, leases, settled, at)
+  local used = used_of(counter)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
-  if #expired == 0 then return used_of(counter) end
+  if #expired == 0 then return used end
   local back = 0
   for _, member in ipairs(expired) do
     back = back + lease_cost(member)
     remember(settled, member, at)
   end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-  return give_back(counter, back, at)
+  return give_back(counter, used, back, at)
 end
 
 -- An operator's override takes precedence over the limit the source gave (read in the same
@@ -96,22 +127,28 @@ local function effective(overrides, field, scale, limit)
   end
   if not raw then return limit end
   local value = tonumber(raw)
-  if not value then error('quota override ' .. field .. ' is not a number') end
+  if not value then final('quota override ' .. field .. ' is not a number') end
   if value < 0 then return -1 end
   return value * scale
 end
 
+local DUPLICATE = -3
+
 local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
-    -- NX: the same reservation sent twice (a client retry after a timeout) is reserved once.
-    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then return 1, used_of(counter) end
+    if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then
+      -- The member holds a lease already: this reservation sent again, or someone else's.
+      if tonumber(redis.call('ZSCORE', leases, member)) ~= lease_until then
+        return DUPLICATE, 'duplicate reservation id ' .. member
+      end
+      return 1, used_of(counter)
+    end
     expire(leases, at)
     -- Optimistic: count first (most requests fit), undo when over the limit.
     local ok, used = pcall(add, counter, amount, at)
-    if not ok then  -- INCRBY refused a corrupt counter: leave no lease behind
+    if not ok then  -- leave no lease behind
       redis.call('ZREM', leases, member)
-      used_of(counter)  -- raises the clear error, or, if the counter is fine, ...
-      error(used)       -- ... whatever else it was
+      error(used, 0)
     end
     if limit >= 0 and used > limit then
       -- Expired leases only matter when they stand between a request and its limit: give them
@@ -119,7 +156,7 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
       used = purge(counter, leases, settled, at)
       if used > limit then
         redis.call('ZREM', leases, member)
-        return 0, give_back(counter, amount, at)
+        return 0, give_back(counter, used, amount, at)
       end
     end
     return 1, used
@@ -130,20 +167,26 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
     end
     -- The lease expired and its cost was given back, but the creation happened: count it again
     -- (once: a commit sent again finds nothing left to do).
-    if redis.call('ZREM', settled, member) == 1 then
+    if redis.call('ZSCORE', settled, member) then
+      local used = used_of(counter)
       add(commits, amount, at)
-      return 0, add(counter, amount, at)
+      redis.call('ZREM', settled, member)
+      return 0, set_used(counter, used + amount, at)
     end
     return 0, 0
   elseif kind == 'f' then
-    if redis.call('ZREM', leases, member) == 1 then return 1, give_back(counter, amount, at) end
+    local used = used_of(counter)
+    -- A give-back takes only the lease of that very reservation (same expiry), never another's,
+    -- and nothing if the reservation never ran: then it leaves nothing behind either.
+    if lease_until > 0 and tonumber(redis.call('ZSCORE', leases, member)) ~= lease_until then return 0, used end
+    if redis.call('ZREM', leases, member) == 1 then return 1, give_back(counter, used, amount, at) end
     redis.call('ZREM', settled, member)  -- already given back when its lease expired
-    return 0, 0
+    return 0, used
   elseif kind == 'l' then
-    purge(counter, leases, settled, at)
+    local used = purge(counter, leases, settled, at)
     -- A release carries an id, so that sending it again gives back only once.
-    if member ~= '-' and remember(settled, member, at) == 0 then return 0, used_of(counter) end
-    return 1, give_back(counter, amount, at)
+    if member ~= '-' and remember(settled, member, at) == 0 then return 0, used end
+    return 1, give_back(counter, used, amount, at)
   elseif kind == 'u' then
     return 1, purge(counter, leases, settled, at)
   elseif kind == 's' then
@@ -167,14 +210,14 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
     if used >= amount then return 0, used end
     return 1, set_used(counter, amount, at)
   end
-  error('unknown operation ' .. tostring(kind))
+  final('unknown operation ' .. tostring(kind))
 end
 
 local out = {}
 local function run(i)
   local k, kind, member, amount, limit, lease_until, at, scale, field =
     string.match(ARGV[i + 1], '^(%d+) (%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
-  if not kind then error('malformed operation ' .. tostring(ARGV[i + 1])) end
+  if not kind then final('malformed operation ' .. tostring(ARGV[i + 1])) end
   k = tonumber(k)
   limit = tonumber(limit)
   if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
@@ -186,9 +229,12 @@ end
 for i = 1, #ARGV - 1 do
   local ok, err = pcall(run, i)
   if not ok then
-    -- redis.call raises a table {err = ...}; a plain Lua error is a string.
-    if type(err) == 'table' then err = err.err end
-    out[3 * i - 2], out[3 * i - 1], out[3 * i] = -1, tostring(err), 0
+    local flag = -2
+    if type(err) == 'table' then
+      -- Ours ({final = ...}), or a refusal redis.call raised as a table ({err = ...}).
+      if err.final then flag, err = -1, err.final else err = err.err end
+    end
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, tostring(err), 0
   end
 end
 return out
