@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -91,3 +92,37 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
     yield redis_store
     await redis_store.aclose()
     await client.aclose()
+
+
+# -- a redis-server of one test alone ----------------------------------------------------------------
+
+def own_redis_server(persist: bool = False) -> RedisServer:
+    try:
+        return RedisServer(persist=persist)
+    except FileNotFoundError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_proc() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: it may kill, pause and restart it."""
+    server = own_redis_server()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)  # a paused server would not stop
+        server.stop()
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[RedisServer]:
+    server = own_redis_server(persist=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

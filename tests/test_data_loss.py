@@ -7,7 +7,6 @@ three-master cluster with one node flushed.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import prometheus_client
 import pytest
@@ -17,8 +16,9 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from middleware import Bucket, RedisStore
 from middleware.metrics import QuotaMetrics
 from middleware.reconcile import Reconciler
+from tests.conftest import FakeClock
 from tests.servers import RedisCluster, RedisServer
-from tests.test_faults_redis import BUCKET, _answers, make, redis_proc, wait_for  # noqa: F401 - fixtures
+from tests.test_faults_redis import BUCKET, Guarded, _answers, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -27,11 +27,19 @@ def lost(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno == logging.ERROR and "lost quota data" in r.getMessage()]
 
 
-async def test_a_restart_without_persistence_is_noticed_and_healed(redis_proc: RedisServer, make: Any,
+async def test_a_restart_without_persistence_is_noticed_and_healed(redis_proc: RedisServer, clock: FakeClock,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     registry = prometheus_client.CollectorRegistry()
     live = {"p": 0}
-    guarded = make(redis_proc.url, limit=3, metrics=QuotaMetrics(registry))
+    guarded = Guarded(redis_proc.url, clock, limit=3, metrics=QuotaMetrics(registry))
+    try:
+        await restart_and_heal(redis_proc, guarded, live, registry, caplog)
+    finally:
+        await guarded.aclose()
+
+
+async def restart_and_heal(redis_proc: RedisServer, guarded: Guarded, live: dict[str, int],
+                           registry: prometheus_client.CollectorRegistry, caplog: pytest.LogCaptureFixture) -> None:
     guarded.store.integrity.interval = 0.0  # check at every batch: the test needs no waiting
     reconciler = Reconciler(guarded.store, lambda project, resource: live[project], targets=[("p", "things")])
     for _ in range(3):

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource, StoreError
 from middleware.stores.redis import BATCH_SCRIPT, UNLOCK_SCRIPT
-from tests.conftest import IN_CI, FakeClock
+from tests.conftest import FakeClock, own_redis_server
 from tests.servers import RedisServer, free_port
 from tests.upstreams import FakeBarbican
 
@@ -36,38 +36,6 @@ HEADERS = {"X-Project-Id": "p", "X-Auth-Token": "tok"}
 BUCKET = Bucket("p", "things")
 #: The store's timeout in these tests.
 STORE_TIMEOUT = 0.3
-
-
-def _server(persist: bool = False) -> RedisServer:
-    try:
-        return RedisServer(persist=persist)
-    except FileNotFoundError as exc:
-        if IN_CI:
-            raise
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-def redis_proc() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it may kill, pause and restart it."""
-    server = _server()
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.process is not None:
-            server.process.send_signal(signal.SIGCONT)  # a paused server would not stop
-        server.stop()
-
-
-@pytest.fixture
-def persistent_redis() -> Iterator[RedisServer]:
-    server = _server(persist=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -198,7 +166,7 @@ async def test_redis_killed_under_load_applies_the_policy_and_recovers_on_the_sa
 
 
 async def test_redis_down_at_start_then_up_needs_no_app_restart(make: Any) -> None:
-    server = _server()  # not started yet: its port refuses connections
+    server = own_redis_server()  # not started yet: its port refuses connections
     guarded = make(server.url, limit=2)
     try:
         response = await guarded.post()

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
@@ -54,7 +54,7 @@ MAX_CALLS_IN_FLIGHT = 32
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
-LOAD_BATCH_SCRIPT = pack_command(("SCRIPT", "LOAD", BATCH_SCRIPT))
+LOAD_BATCH_SCRIPT = pack_command(cast(Any, ("SCRIPT", "LOAD", BATCH_SCRIPT)))  # hiredis's stub: a 1-tuple
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 #: With ``pipeline`` > 1, the first call from idle takes only a share of what waits (at least
@@ -248,7 +248,7 @@ class RedisStore(Store, SharedState):
         if self._batch_connection is not None:
             connection, self._batch_connection = self._batch_connection, None
             connection.socket_timeout = self._socket_timeout
-            await self.client.connection_pool.release(connection)
+            await self._pool().release(connection)
         if self._owns_client:
             await self.client.aclose()
 
@@ -389,7 +389,7 @@ class RedisStore(Store, SharedState):
         async with self._writing:  # the order of the writes is the order of the replies
             if self._batch_connection is None:
                 # Held from the client's pool, and closed with it if the store is not closed first.
-                connection = await self.client.connection_pool.get_connection()
+                connection = await self._pool().get_connection()  # type: ignore[no-untyped-call]
                 # Every call on it is bounded by _guard; a socket timeout would add a task per
                 # write and per read. Given back as it came (see aclose).
                 self._socket_timeout, connection.socket_timeout = connection.socket_timeout, None
@@ -436,6 +436,11 @@ class RedisStore(Store, SharedState):
             return False  # calls in flight: it is not idle, and they would fail with it anyway
         reader = getattr(self._batch_connection, "_reader", None)  # None, or a test double's, elsewhere
         return isinstance(reader, asyncio.StreamReader) and (reader.at_eof() or reader.exception() is not None)
+
+    def _pool(self) -> aioredis.ConnectionPool:
+        """The pool the batch connection comes from (one Redis only: a cluster routes each call)."""
+        assert isinstance(self.client, aioredis.Redis)
+        return self.client.connection_pool
 
     async def _drop_connection(self, generation: int) -> None:
         if self._generation != generation or self._batch_connection is None:
