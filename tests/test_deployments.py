@@ -266,6 +266,7 @@ async def test_concurrent_creates_admit_exactly_the_limit_and_deletes_give_quota
         "usage, live at the end": end[:2],
         "unsettled leases": end.leases,
     }
+    print(f"figures: {observed}")  # shown with -rP: the matrix in a closing note
     assert observed == {
         "statuses of the burst": {201: limit, 403: creates - limit},
         "distinct ids admitted": limit,
@@ -322,6 +323,7 @@ async def test_redis_closing_idle_connections_fails_no_request() -> None:
         "usage, live at the end": end[:2],
         "unsettled leases": end.leases,
     }
+    print(f"figures: {observed}")  # shown with -rP: the matrix in a closing note
     assert observed == {
         "each gap closed every connection open before it": [True, True],
         "statuses with no gap before": {201: 30},
@@ -405,6 +407,7 @@ async def test_usage_equals_live_resources_after_redis_runs_out_of_memory_during
         "statuses of a burst after recovery": statuses(after),
         "usage, live at the end": end[:2],
     }
+    print(f"figures: {observed}")  # shown with -rP: the matrix in a closing note
     assert observed == {
         "creates before": [201, 201, 201],
         "held creates, failed requests": [201, 201, 201, 500, 500, 500],
@@ -436,5 +439,6 @@ async def test_redis_restarted_between_bursts_fails_no_request_and_counts_exactl
             rounds.append({"statuses": statuses(answers), "usage, live": end[:2], "unsettled leases": end.leases})
 
     failed = [sum(n for status, n in r["statuses"].items() if status not in (201, 403)) for r in rounds]
+    print(f"figures: {rounds}")  # shown with -rP
     assert rounds == [{"statuses": {201: limit, 403: creates - limit}, "usage, live": (limit, limit),
                        "unsettled leases": 0}] * 3, f"restarts: failed requests per burst {failed}; observed {rounds}"
