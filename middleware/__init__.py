@@ -27,7 +27,17 @@ from .sources import (
     QuotaSource,
     StaticSource,
 )
-from .stores import Bucket, Decision, LeasingStore, MemoryStore, RedisStore, Reservation, SharedState, Store
+from .stores import (
+    Bucket,
+    BucketUsage,
+    Decision,
+    LeasingStore,
+    MemoryStore,
+    RedisStore,
+    Reservation,
+    SharedState,
+    Store,
+)
 from .windows import Period, Window
 
 __all__ = [
@@ -35,6 +45,7 @@ __all__ = [
     "Admitted",
     "BarbicanSource",
     "Bucket",
+    "BucketUsage",
     "CaptainDataSource",
     "Charge",
     "ConfigurationError",

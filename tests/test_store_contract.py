@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from middleware import Bucket, Decision, MemoryStore, RedisStore, Store, StoreError
+from middleware import Bucket, BucketUsage, Decision, MemoryStore, RedisStore, Store, StoreError
 from middleware.keys import counter_keys
 from middleware.stores.base import WINDOW_GRACE_MS
 from middleware.stores.memory import SWEEP_EVERY_MS
@@ -191,7 +191,7 @@ async def test_windowed_counters_expire_after_their_window(store: Store, clock: 
         assert deadline_ms == bucket.expires_ms
     else:
         await store.usage(Bucket("other", "x"))  # any access lets the store sweep
-        assert bucket not in store._used  # type: ignore[attr-defined]
+        assert await store.buckets(bucket.project) == []
 
 
 async def test_weighted_costs_never_admit_past_the_limit(store: Store) -> None:
@@ -247,7 +247,7 @@ async def test_a_settlement_on_a_corrupt_counter_is_given_up_loudly_and_changes_
     await store.flush()
     lost = [r for r in caplog.records if r.getMessage().startswith("gave up on a quota settlement")]
     assert [r.levelname for r in lost] == ["ERROR"] and "not a number" in lost[0].getMessage()
-    assert not store._retry  # sending it again cannot mend a corrupt counter
+    assert store.pending_settlements == 0  # sending it again cannot mend a corrupt counter
     assert await store.client.zscore(leases, held.reservation.member) is not None  # the lease was not taken
 
 
@@ -317,6 +317,42 @@ async def test_memory_store_gives_back_expired_leases_that_never_stood_in_the_wa
     clock.advance(SWEEP_EVERY_MS / 1000 + 1)
     decision = await store.reserve(B, 1, -1, LEASE)
     assert decision.used == 1
-    assert sum(len(leases) for leases in store._leases.values()) == 1
+    assert [(view.used, view.reservations) for view in await store.buckets(B.project)] == [(1, 1)]
     await store.refund(decision.reservation)  # type: ignore[arg-type]
     assert await store.usage(B) == 0
+
+
+# -- read-only views: what operators and usage reads see -------------------------------------------
+
+async def test_a_bucket_is_inspected_without_changing_it(store: Store, clock: FakeClock) -> None:
+    assert await store.inspect(B) == BucketUsage(B, 0, 0, 0)
+    kept = await store.reserve(B, 2, 10, LEASE)
+    live = await store.reserve(B, 3, 10, LEASE)
+    short = await store.reserve(B, 1, 10, 1_000)
+    assert kept.reservation and live.reservation and short.reservation
+    await store.commit(kept.reservation)
+    await store.flush()
+    view = await store.inspect(B)
+    assert (view.used, view.reserved, view.reservations, view.committed) == (6, 4, 2, 2)
+    clock.advance(2)  # the short lease expires: seen as given back, without giving it back
+    assert (await store.inspect(B))[1:] == (5, 3, 1)
+    assert (await store.inspect(B))[1:] == (5, 3, 1)  # reading changed nothing
+    assert await store.usage(B) == 5
+
+
+async def test_every_bucket_of_a_project_is_listed_with_its_window(store: Store, clock: FakeClock) -> None:
+    minute = Period.parse("minute").window_at(clock())
+    for bucket, cost in ((B, 2), (Bucket(B.project, "orders"), 1), (Bucket(B.project, "calls", minute), 4),
+                         (Bucket("project-b", "secrets"), 7)):
+        decision = await store.reserve(bucket, cost, -1, LEASE)
+        assert decision.reservation
+        await store.commit(decision.reservation)
+    await store.flush()
+    views = await store.buckets(B.project)
+    assert [(v.bucket.resource, v.used, v.committed) for v in views] == [
+        ("calls", 4, 4), ("orders", 1, 1), ("secrets", 2, 2)]
+    window = views[0].bucket.window
+    assert window is not None and window.start == minute.start and abs(window.end - minute.end) < 0.01
+    assert [v.bucket.window for v in views[1:]] == [None, None]
+    assert [v.used for v in await store.buckets("project-b")] == [7]
+    assert await store.buckets("nobody") == []

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+from ..keys import member
 from ..windows import Window
 
 #: A window's counters outlive it this long, so that settlements arriving late still find them.
@@ -85,7 +86,22 @@ def new_id() -> str:
 
 def new_member(cost: int) -> str:
     """A reservation's lease member: a new id with the cost appended (see Reservation.member)."""
-    return f"{new_id()}:{cost}"
+    return member(new_id(), cost)
+
+
+class BucketUsage(NamedTuple):
+    """One bucket as the next decision would see it (expired leases already given back): read only."""
+
+    bucket: Bucket
+    #: Committed units plus live reservations: what a decision compares with the limit.
+    used: int
+    #: Units held by live reservations, and how many there are.
+    reserved: int = 0
+    reservations: int = 0
+
+    @property
+    def committed(self) -> int:
+        return max(0, self.used - self.reserved)
 
 
 class Store(ABC):
@@ -139,6 +155,15 @@ class Store(ABC):
     @abstractmethod
     async def usage(self, bucket: Bucket) -> int:
         """Current usage, after expired leases were given back."""
+
+    @abstractmethod
+    async def inspect(self, bucket: Bucket) -> BucketUsage:
+        """The bucket's usage and live reservations, read without changing anything."""
+
+    @abstractmethod
+    async def buckets(self, project: str) -> list[BucketUsage]:
+        """Every bucket of ``project`` the store holds (windows included), read only: for
+        operators and usage reads, not for the request path (it may scan)."""
 
     @abstractmethod
     async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
@@ -202,3 +227,7 @@ class SharedState(ABC):
     @abstractmethod
     async def unlock(self, project: str, namespace: str, token: str) -> None:
         """Give the fetch lock back if ``token`` still holds it."""
+
+    @abstractmethod
+    async def namespaces(self, project: str) -> list[str]:
+        """The sources (namespaces) with a shared copy of ``project``'s quotas: for operators."""

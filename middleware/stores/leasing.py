@@ -28,7 +28,7 @@ from cachetools import LRUCache
 
 from ..errors import StoreError
 from ..nowait import nowait_usable
-from .base import Bucket, Decision, Reservation, Store, new_id
+from .base import Bucket, BucketUsage, Decision, Reservation, Store, new_id
 
 logger = logging.getLogger("quota_middleware.store")
 
@@ -204,6 +204,17 @@ class LeasingStore(Store):
     async def usage(self, bucket: Bucket) -> int:
         held = sum(b.available for b in self._unsettled.values() if b.bucket == bucket)
         return max(0, await self.inner.usage(bucket) - held)
+
+    async def inspect(self, bucket: Bucket) -> BucketUsage:
+        return self._without_open_blocks(await self.inner.inspect(bucket))
+
+    async def buckets(self, project: str) -> list[BucketUsage]:
+        return [self._without_open_blocks(view) for view in await self.inner.buckets(project)]
+
+    def _without_open_blocks(self, view: BucketUsage) -> BucketUsage:
+        """The store counts a block whole while it is open: what its requests have not taken is not in use."""
+        held = sum(b.available for b in self._unsettled.values() if b.bucket == view.bucket)
+        return view._replace(used=max(0, view.used - held), reserved=max(0, view.reserved - held))
 
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
         return await self.inner.check(bucket, limit, scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .base import Bucket, Decision, Reservation, Store, new_member
+from .base import Bucket, BucketUsage, Decision, Reservation, Store, new_member
 
 #: How often (in the store's clock, ms) buckets of windows that are over are dropped.
 SWEEP_EVERY_MS = 60_000
@@ -146,6 +146,19 @@ class MemoryStore(Store):
     async def usage(self, bucket: Bucket) -> int:
         return self._purge(bucket, self._now_ms())
 
+    async def inspect(self, bucket: Bucket) -> BucketUsage:
+        now = int(self._clock() * 1000)
+        leases = self._leases.get(bucket, {})
+        live = [cost for expires, cost in leases.values() if expires > now]
+        expired = sum(cost for expires, cost in leases.values() if expires <= now)
+        return BucketUsage(bucket, max(0, self._used.get(bucket, 0) - expired), sum(live), len(live))
+
+    async def buckets(self, project: str) -> list[BucketUsage]:
+        # A scan of every bucket: for operators, never on the request path.
+        now = int(self._clock() * 1000)
+        found = {b for b in (*self._used, *self._leases) if b.project == project and not 0 < b.expires_ms <= now}
+        return [await self.inspect(bucket) for bucket in sorted(found, key=_order)]
+
     async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
         self._purge(bucket, self._now_ms())
         since = 0 if commits_since is None else self._commits.get(bucket, 0) - commits_since
@@ -171,3 +184,8 @@ class MemoryStore(Store):
 
     async def overridden_projects(self) -> list[str]:
         return sorted(self._overrides)
+
+
+def _order(bucket: Bucket) -> tuple[str, float]:
+    """Resources in name order; a count bucket before windows, windows in time order."""
+    return bucket.resource, -1.0 if bucket.window is None else bucket.window.start

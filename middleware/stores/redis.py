@@ -36,8 +36,31 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from ..errors import ConfigurationError, StoreError
-from ..keys import commits_key, counter_keys, escape, overridden_projects_key, overrides_key, shared_key
-from .base import Bucket, Decision, Reservation, SharedPart, SharedState, Store, new_id, new_member
+from ..keys import (
+    commits_key,
+    counter_keys,
+    escape,
+    member_cost,
+    overridden_projects_key,
+    overrides_key,
+    parse_counter_key,
+    parse_quotas_key,
+    project_pattern,
+    shared_key,
+)
+from ..windows import Window
+from .base import (
+    WINDOW_GRACE_MS,
+    Bucket,
+    BucketUsage,
+    Decision,
+    Reservation,
+    SharedPart,
+    SharedState,
+    Store,
+    new_id,
+    new_member,
+)
 from .integrity import IntegrityWatch
 
 logger = logging.getLogger("middleware.store")
@@ -197,6 +220,53 @@ class RedisStore(Store, SharedState):
     async def usage(self, bucket: Bucket) -> int:
         return (await self._call(bucket, "u", 0))[1]
 
+    async def inspect(self, bucket: Bucket) -> BucketUsage:
+        window = None if bucket.window is None else int(bucket.window.start)
+        counter, leases, _ = counter_keys(self.prefix, bucket.project, bucket.resource, window)
+        raw = await self._guard(self.client.get(counter))
+        members = await self._guard(self.client.zrange(leases, 0, -1, withscores=True))
+        try:
+            used = 0 if raw is None else int(raw)
+        except ValueError:
+            raise StoreError(f"usage counter {counter} is not a number: {raw!r:.40}") from None
+        now_ms = int(self._clock() * 1000)
+        live = [member_cost(m) for m, expires in members if expires > now_ms]
+        expired = sum(member_cost(m) for m, expires in members if expires <= now_ms)
+        return BucketUsage(bucket, max(0, used - expired), sum(live), len(live))
+
+    async def buckets(self, project: str) -> list[BucketUsage]:
+        parsed = (parse_counter_key(self.prefix, project, key) for key in await self._scan(project))
+        found = {bucket for bucket in parsed if bucket is not None}
+        views = []
+        for resource, start in sorted(found, key=lambda f: (f[0], -1 if f[1] is None else f[1])):
+            window = None if start is None else Window(start, await self._window_end(project, resource, start))
+            views.append(await self.inspect(Bucket(project, resource, window)))
+        return views
+
+    async def _scan(self, project: str) -> list[bytes]:
+        async def scan() -> list[bytes]:
+            return [key async for key in self.client.scan_iter(match=project_pattern(self.prefix, project), count=500)]
+
+        try:  # a scan takes several round trips: bounded as a whole, more generously than one call
+            async with asyncio.timeout(10 * self.timeout):
+                return await scan()
+        except TimeoutError as exc:
+            raise StoreError(f"Redis did not list the keys of project {project!r} in {10 * self.timeout}s") from exc
+        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
+            raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _window_end(self, project: str, resource: str, start: int) -> float:
+        """A window's end, from the expiry its keys were given (the end plus a grace; see Bucket)."""
+        keys = counter_keys(self.prefix, project, resource, start)[:2]
+        try:  # the very deadline the store gave the keys (Redis 7)
+            at_ms = max([int(await self._guard(self.client.pexpiretime(key))) for key in keys])
+        except StoreError:  # older Redis: what is left, on Redis's clock
+            at_ms = max([int(await self._guard(self.client.pttl(key))) for key in keys])
+            at_ms = at_ms + int(self._clock() * 1000) if at_ms >= 0 else at_ms
+        if at_ms < 0:  # no expiry: not a key this store wrote
+            return float(start)
+        return (at_ms - WINDOW_GRACE_MS) / 1000
+
     async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
         await self._call(bucket, "s", value, member="-" if commits_since is None else str(commits_since))
 
@@ -231,8 +301,17 @@ class RedisStore(Store, SharedState):
         key = shared_key(self.prefix, project, namespace, "lock")
         return bool(await self._guard(self.client.set(key, token, nx=True, px=max(1, ttl_ms))))
 
+    async def namespaces(self, project: str) -> list[str]:
+        found = (parse_quotas_key(self.prefix, project, key) for key in await self._scan(project))
+        return sorted({namespace for namespace in found if namespace is not None})
+
     async def unlock(self, project: str, namespace: str, token: str) -> None:
         await self._guard(self._unlock_script(keys=[shared_key(self.prefix, project, namespace, "lock")], args=[token]))
+
+    @property
+    def pending_settlements(self) -> int:
+        """Settlements waiting to be sent again (Redis failed or refused them)."""
+        return len(self._retry)
 
     def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
         self.integrity.on_loss(callback, heal=heal)
