@@ -165,7 +165,7 @@ class QuotaCache:
         self._local[project] = entry
         await self._seed(project, quotas, now)
         if self.shared is not None:
-            blob = json.dumps({"fetched_at": now, "quotas": quotas.to_dict()}).encode()
+            blob = encode_shared(quotas, now)
             try:
                 await self.shared.save(project, self.source.namespace, "quotas", blob,
                                        int((self.ttl + self.stale) * 1000))
@@ -243,9 +243,9 @@ class QuotaCache:
             blob = await self.shared.load(project, self.source.namespace, "quotas")
             if blob is None:
                 return None
-            doc = json.loads(blob)
-            return self._entry(Quotas.from_dict(doc["quotas"]), float(doc["fetched_at"]))
-        except (StoreError, SourceInvalid, ValueError, KeyError, TypeError) as exc:
+            fetched_at, quotas = decode_shared(blob)
+            return self._entry(quotas, fetched_at)
+        except (StoreError, SourceInvalid) as exc:
             logger.warning(SHARED_COPY_UNUSABLE, exc)
             return None
 
@@ -257,3 +257,17 @@ class QuotaCache:
         if not self._forward:
             return {}
         return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in self._forward}
+
+
+def encode_shared(quotas: Quotas, fetched_at: float) -> bytes:
+    """The shared copy of a project's quotas, as every process (and the CLI) reads it back."""
+    return json.dumps({"fetched_at": fetched_at, "quotas": quotas.to_dict()}).encode()
+
+
+def decode_shared(blob: bytes) -> tuple[float, Quotas]:
+    """(fetched_at, quotas) of a shared copy; SourceInvalid when it is not one."""
+    try:
+        doc = json.loads(blob)
+        return float(doc["fetched_at"]), Quotas.from_dict(doc["quotas"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SourceInvalid(f"shared quota copy is corrupt: {exc}") from exc

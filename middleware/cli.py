@@ -24,28 +24,28 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from .cache import decode_shared
 from .errors import SourceInvalid, StoreError
 from .identity import project_problem, resource_problem
-from .keys import counter_keys, project_tag, quotas_key
-from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas, in_quota_units
+from .quotas import MAX_LIMIT, UNLIMITED, Limit, in_quota_units
 from .rendering import iso_time
-from .stores.base import WINDOW_GRACE_MS, Bucket
+from .stores.base import WINDOW_GRACE_MS, Bucket, BucketUsage
 from .stores.redis import RedisStore
 from .windows import Period, Window, current_window
 
 PROG = "quota-middleware"
+T = TypeVar("T")
 #: Where the sources shipped with the package keep their shared quota copies.
-NAMESPACES = ("barbican", "static", "captaindata", "latitude", "json")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -83,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("project")
     show.add_argument("--resource", action="append", default=[], metavar="R",
                       help="only this resource (repeatable)")
-    show.add_argument("--namespace", action="append", default=[], metavar="NS",
-                      help=f"also read cached quotas of this source namespace (known: {', '.join(NAMESPACES)})")
 
     usage = commands.add_parser("usage", parents=[common], help="overwrite a resource's usage")
     usage_commands = usage.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -230,12 +228,12 @@ class Context:
     url: str
     cluster: bool
 
-    async def call(self, awaitable: Any) -> Any:
-        """One direct Redis command, with its failures turned into a clear CliError."""
+    async def read(self, awaitable: Awaitable[T]) -> T:
+        """One read of the store, with its failures turned into a clear CliError."""
         try:
             return await awaitable
-        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError) as exc:
-            raise CliError(redis_failure(self.url, exc)) from None
+        except StoreError as exc:
+            raise CliError(f"Redis at {safe_url(self.url)} failed: {exc}") from None
 
 
 def redis_failure(url: str, exc: BaseException) -> str:
@@ -273,102 +271,28 @@ async def close(context: Context) -> None:
 
 
 # -- reading state ------------------------------------------------------------------------------
+# Everything is read through the store's own views (Store.buckets and inspect, SharedState): the
+# key layout is the store's business, not the command line's.
 
-@dataclass
-class BucketState:
-    resource: str
-    window_start: int | None
-    #: Epoch seconds the window ends, from the counter's expiry (None: unknown or no window).
-    window_end: float | None
-    used: int
-    reserved_count: int
-    reserved_cost: int
-
-    @property
-    def committed(self) -> int:
-        return max(0, self.used - self.reserved_cost)
-
-
-async def read_bucket(ctx: Context, project: str, resource: str, window_start: int | None) -> BucketState:
-    """Usage as the store's next access will see it (expired leases already given back), read only."""
-    counter, leases, _ = counter_keys(ctx.prefix, project, resource, window_start)
-    now_ms = int(time.time() * 1000)
-    raw = await ctx.call(ctx.client.get(counter))
-    members = await ctx.call(ctx.client.zrange(leases, 0, -1, withscores=True))
-    try:
-        used = int(raw) if raw is not None else 0
-    except ValueError:
-        raise CliError(f"usage counter {counter} is not a number: {raw!r}") from None
-    live_count = live_cost = expired_cost = 0
-    for member, score in members:
-        cost = _lease_cost(member)
-        if score > now_ms:
-            live_count += 1
-            live_cost += cost
-        else:
-            expired_cost += cost
-    end = None
-    if window_start is not None:
-        try:
-            expires_at = await ctx.call(ctx.client.pexpiretime(counter))
-        except CliError:
-            expires_at = None  # PEXPIRETIME needs Redis 7: the end stays unknown
-        if isinstance(expires_at, int) and expires_at > 0:
-            end = (expires_at - WINDOW_GRACE_MS) / 1000
-    return BucketState(resource, window_start, end, max(0, used - expired_cost), live_count, live_cost)
-
-
-def _lease_cost(member: bytes | str) -> int:
-    text = member.decode("utf-8", "replace") if isinstance(member, bytes) else member
-    _, _, cost = text.rpartition(":")
-    return int(cost) if cost.isdigit() else 0
-
-
-async def scan_buckets(ctx: Context, project: str) -> set[tuple[str, int | None]]:
-    """Every (resource, window start) with a counter or leases under the project's tag."""
-    tag = project_tag(ctx.prefix, project)
-    pattern = _glob_escape(tag) + ":*"
-    found: set[tuple[str, int | None]] = set()
-    try:
-        async for key in ctx.client.scan_iter(match=pattern, count=500):
-            text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-            parsed = _parse_counter_key(text[len(tag) + 1:])
-            if parsed is not None:
-                found.add(parsed)
-    except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError) as exc:
-        raise CliError(redis_failure(ctx.url, exc)) from None
-    return found
-
-
-def _parse_counter_key(rest: str) -> tuple[str, int | None] | None:
-    # Escaped resource names never contain ':', so the parts are unambiguous.
-    parts = rest.split(":")
-    if len(parts) == 2 and parts[1] in ("used", "leases"):
-        return unquote(parts[0]), None
-    if (len(parts) == 3 and parts[2] in ("used", "leases") and parts[1][:1] == "w"
-            and parts[1][1:].lstrip("-").isdigit()):
-        return unquote(parts[0]), int(parts[1][1:])
-    return None
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
-async def read_cached(ctx: Context, project: str, namespaces: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """The shared quota copies found, per namespace: {"fetched_at", "quotas"}; and notes."""
+async def read_cached(ctx: Context, project: str) -> tuple[dict[str, Any], list[str]]:
+    """The shared quota copies found, per source namespace: {"fetched_at", "quotas"}; and notes."""
     found: dict[str, Any] = {}
     notes: list[str] = []
-    for namespace in namespaces:
-        blob = await ctx.call(ctx.client.get(quotas_key(ctx.prefix, project, namespace)))
+    for namespace in await ctx.read(ctx.store.namespaces(project)):
+        blob = await ctx.read(ctx.store.load(project, namespace, "quotas"))
         if blob is None:
-            continue
+            continue  # expired since it was listed
         try:
-            doc = json.loads(blob)
-            found[namespace] = {"fetched_at": float(doc["fetched_at"]), "quotas": Quotas.from_dict(doc["quotas"])}
-        except (ValueError, KeyError, TypeError, SourceInvalid) as exc:
+            fetched_at, quotas = decode_shared(blob)
+        except SourceInvalid as exc:
             notes.append(f"the cached copy of namespace {namespace!r} is unreadable: {exc}")
+            continue
+        found[namespace] = {"fetched_at": fetched_at, "quotas": quotas}
     return found, notes
+
+
+def _window_doc(window: Window | None) -> dict[str, float] | None:
+    return None if window is None else {"start": window.start, "end": window.end}
 
 
 def scale_for(cached: dict[str, Any], resource: str) -> int:
@@ -399,8 +323,7 @@ def _limit_doc(limit: Any) -> dict[str, Any]:
 async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     project = check_project(args.project)
     only = [check_resource(r) for r in args.resource]
-    namespaces = list(dict.fromkeys([*NAMESPACES, *args.namespace]))
-    cached, notes = await read_cached(ctx, project, namespaces)
+    cached, notes = await read_cached(ctx, project)
     overrides = await ctx.store.overrides(project)
     windowed_limits: set[str] = set()
     names: set[str] = set(overrides) | set(only)
@@ -409,21 +332,20 @@ async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             names.add(name)
             if limit.window is not None:
                 windowed_limits.add(name)
-    found = await scan_buckets(ctx, project)
+    views = await ctx.read(ctx.store.buckets(project))
     if only:
         names &= set(only)
-        found = {b for b in found if b[0] in only}
-    buckets = set(found)
-    for name in names:
-        # A count bucket for every known resource, unless its usage lives in windows.
-        if name not in windowed_limits and not any(r == name and w is not None for r, w in found):
-            buckets.add((name, None))
-    states = [await read_bucket(ctx, project, r, w)
-              for r, w in sorted(buckets, key=lambda b: (b[0], b[1] is not None, b[1] or 0))]
+        views = [v for v in views if v.bucket.resource in only]
+    held = {v.bucket.resource for v in views}
+    # A count bucket for every known resource (at zero where the store has none), unless its usage
+    # lives in windows.
+    views += [BucketUsage(Bucket(project, name), 0) for name in names - held if name not in windowed_limits]
+    views.sort(key=lambda v: (v.bucket.resource, v.bucket.window is not None,
+                              0.0 if v.bucket.window is None else v.bucket.window.start))
 
     now = time.time()
     effective: dict[str, Any] = {}
-    for name in sorted(names | {s.resource for s in states}):
+    for name in sorted(names | {v.bucket.resource for v in views}):
         if name in overrides:
             effective[name] = {"limit": UNLIMITED if overrides[name] < 0 else overrides[name], "from": "override"}
             continue
@@ -435,14 +357,13 @@ async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         else:
             effective[name] = {"limit": None, "from": "unknown (the source's default applies)"}
     usage = []
-    for state in states:
-        scale = scale_for(cached, state.resource)
-        window = None if state.window_start is None else {"start": state.window_start, "end": state.window_end}
+    for view in views:
+        scale = scale_for(cached, view.bucket.resource)
         usage.append({
-            "resource": state.resource, "window": window, "scale": scale,
-            "used": in_quota_units(state.used, scale), "committed": in_quota_units(state.committed, scale),
-            "reservations": {"count": state.reserved_count, "cost": in_quota_units(state.reserved_cost, scale)},
-            "store_units": {"used": state.used, "committed": state.committed, "reserved": state.reserved_cost},
+            "resource": view.bucket.resource, "window": _window_doc(view.bucket.window), "scale": scale,
+            "used": in_quota_units(view.used, scale), "committed": in_quota_units(view.committed, scale),
+            "reservations": {"count": view.reservations, "cost": in_quota_units(view.reserved, scale)},
+            "store_units": {"used": view.used, "committed": view.committed, "reserved": view.reserved},
         })
     return {
         "project": project,
@@ -497,7 +418,7 @@ def render_show(doc: dict[str, Any]) -> str:
 async def _bucket_for(ctx: Context, args: argparse.Namespace) -> tuple[Bucket, int]:
     """The bucket a usage command changes: the count bucket, or a window (given, or the current one)."""
     project, resource = check_project(args.project), check_resource(args.resource)
-    cached, _ = await read_cached(ctx, project, NAMESPACES)
+    cached, _ = await read_cached(ctx, project)
     now = time.time()
     window = None
     if args.window is not None:
@@ -507,7 +428,8 @@ async def _bucket_for(ctx: Context, args: argparse.Namespace) -> tuple[Bucket, i
         if limit is not None and limit.window is not None:
             window = current_window(limit.window, now)  # where the middleware counts right now
         else:
-            found = {w for r, w in await scan_buckets(ctx, project) if r == resource}
+            views = await ctx.read(ctx.store.buckets(project))
+            found = {v.bucket.window for v in views if v.bucket.resource == resource}
             if found and None not in found:
                 raise usage_error(f"{resource!r} is counted in windows; pass --window START END "
                                   f"(see 'show {project} --json')")
@@ -517,20 +439,19 @@ async def _bucket_for(ctx: Context, args: argparse.Namespace) -> tuple[Bucket, i
 
 async def _set_usage(ctx: Context, bucket: Bucket, units: int, scale: int, *,
                      commits_since: int | None = None) -> dict[str, Any]:
-    window_start = None if bucket.window is None else int(bucket.window.start)
-    before = await read_bucket(ctx, bucket.project, bucket.resource, window_start)
+    before = await ctx.read(ctx.store.inspect(bucket))
     try:
         await ctx.store.set_usage(bucket, units, commits_since=commits_since)
         await ctx.store.flush()
     except StoreError as exc:
         raise CliError(f"Redis at {safe_url(ctx.url)} failed: {exc}") from None
-    after = await read_bucket(ctx, bucket.project, bucket.resource, window_start)
-    window = None if bucket.window is None else {"start": bucket.window.start, "end": bucket.window.end}
+    after = await ctx.read(ctx.store.inspect(bucket))
+    window = _window_doc(bucket.window)
     return {
         "project": bucket.project, "resource": bucket.resource, "window": window, "scale": scale,
         "before": {"used": in_quota_units(before.used, scale), "committed": in_quota_units(before.committed, scale)},
         "after": {"used": in_quota_units(after.used, scale), "committed": in_quota_units(after.committed, scale)},
-        "reservations": {"count": after.reserved_count, "cost": in_quota_units(after.reserved_cost, scale)},
+        "reservations": {"count": after.reservations, "cost": in_quota_units(after.reserved, scale)},
     }
 
 
