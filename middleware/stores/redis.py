@@ -78,6 +78,9 @@ BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text(
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
 LOAD_BATCH_SCRIPT = pack_command(cast(Any, ("SCRIPT", "LOAD", BATCH_SCRIPT)))  # hiredis's stub: a 1-tuple
+# What an operation does, as batch.lua knows it: one letter on the wire (see the script's header).
+RESERVE, COMMIT, REFUND, RELEASE, USAGE = "r", "c", "f", "l", "u"
+SET_USAGE, COMMITS, METER, CHARGE, SEED = "s", "k", "m", "a", "x"
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 #: With ``pipeline`` > 1, the first call from idle takes only a share of what waits (at least
@@ -110,7 +113,7 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
         scale: int = 1) -> _Op:
     keys, field = _keys(prefix, bucket)
     return _Op(keys, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, scale,
-               field if kind in "rm" else "-", future, retry_since)
+               field if kind in (RESERVE, METER) else "-", future, retry_since)
 
 
 @functools.lru_cache(maxsize=16_384)
@@ -183,20 +186,20 @@ class RedisStore(Store, SharedState):
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         member = new_member(cost)
         lease_until = int(self._clock() * 1000) + lease_ms
-        flag, used, limit = await self._call(bucket, "r", cost, limit, member, lease_until, scale)
+        flag, used, limit = await self._call(bucket, RESERVE, cost, limit, member, lease_until, scale)
         if flag != 1:
             return Decision(False, used, limit)
         return Decision(True, used, limit, Reservation(bucket, cost, member, lease_until))
 
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
-        flag, used, limit = await self._call(bucket, "m", 0, limit, scale=scale)
+        flag, used, limit = await self._call(bucket, METER, 0, limit, scale=scale)
         return Decision(flag == 1, used, limit)
 
     async def charge(self, bucket: Bucket, amount: int) -> int:
-        return (await self._call(bucket, "a", amount))[1]
+        return (await self._call(bucket, CHARGE, amount))[1]
 
     async def seed(self, bucket: Bucket, used: int) -> int:
-        return (await self._call(bucket, "x", used))[1]
+        return (await self._call(bucket, SEED, used))[1]
 
     async def commit(self, reservation: Reservation) -> None:
         self.settle_nowait(reservation, True)
@@ -206,19 +209,19 @@ class RedisStore(Store, SharedState):
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
         """Hand the settlement over; nobody waits for it (it is sent again until Redis applies it)."""
-        self._enqueue(_op(self.prefix, reservation.bucket, "c" if keep else "f", reservation.cost, 0,
+        self._enqueue(_op(self.prefix, reservation.bucket, COMMIT if keep else REFUND, reservation.cost, 0,
                           reservation.member, retry_since=time.monotonic()))
         return True
 
     async def release(self, bucket: Bucket, cost: int) -> int:
         """Give ``cost`` back; if Redis fails, the release is sent again until it is applied (once)."""
         future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_op(self.prefix, bucket, "l", cost, 0, new_id(), future=future,
+        self._enqueue(_op(self.prefix, bucket, RELEASE, cost, 0, new_id(), future=future,
                           retry_since=time.monotonic()))
         return (await future)[1]
 
     async def usage(self, bucket: Bucket) -> int:
-        return (await self._call(bucket, "u", 0))[1]
+        return (await self._call(bucket, USAGE, 0))[1]
 
     async def inspect(self, bucket: Bucket) -> BucketUsage:
         window = None if bucket.window is None else int(bucket.window.start)
@@ -268,10 +271,10 @@ class RedisStore(Store, SharedState):
         return (at_ms - WINDOW_GRACE_MS) / 1000
 
     async def set_usage(self, bucket: Bucket, value: int, *, commits_since: int | None = None) -> None:
-        await self._call(bucket, "s", value, member="-" if commits_since is None else str(commits_since))
+        await self._call(bucket, SET_USAGE, value, member="-" if commits_since is None else str(commits_since))
 
     async def commits(self, bucket: Bucket) -> int:
-        return (await self._call(bucket, "k", 0))[1]
+        return (await self._call(bucket, COMMITS, 0))[1]
 
     async def overrides(self, project: str) -> dict[str, int]:
         raw = await self._guard(self.client.hgetall(overrides_key(self.prefix, project)))
@@ -399,13 +402,13 @@ class RedisStore(Store, SharedState):
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
             for op in ops:
                 self._fail(op, error, retry=True)
-                if written and op.kind == "r":
+                if written and op.kind == RESERVE:
                     # Redis may still run it (paused, or its answer was lost) for a caller already
                     # answered: give it back like a settlement, until applied (a no-op if it never
                     # ran). Redis reads the reserve's waiting bytes before a new connection's: only
                     # a reserve delayed in the network could land after, and hold its lease until
                     # it expires, as before.
-                    self._fail(op._replace(kind="f", future=None, retry_since=time.monotonic()), error, retry=True)
+                    self._fail(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()), error, retry=True)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -421,8 +424,8 @@ class RedisStore(Store, SharedState):
                 continue
             elif op.future.cancelled():
                 # The caller went away while its reservation was in flight: give it straight back.
-                if op.kind == "r" and flag == 1:
-                    self._enqueue(op._replace(kind="f", future=None, retry_since=time.monotonic()))
+                if op.kind == RESERVE and flag == 1:
+                    self._enqueue(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()))
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
         if not refused:  # Redis applies again: what waits to be sent again goes now
@@ -456,7 +459,7 @@ class RedisStore(Store, SharedState):
                 # timeout, a restart), most likely before the call arrived, perhaps after it ran.
                 # Once more on a fresh one, when applying the batch twice is harmless: every
                 # operation but a charge is (a reserve sent again is known by its member and expiry).
-                if reconnected or any(op.kind == "a" for op in ops):
+                if reconnected or any(op.kind == CHARGE for op in ops):
                     raise
                 reconnected = True
 
