@@ -77,7 +77,7 @@ async def main() -> None:
         print(f"  GET /regions/brazil/files/video.bin -> {response.status_code}, {len(response.content):,} bytes,"
               f"  {response.headers['ratelimit-policy']}")
         quotas = await source.fetch(project, {})
-        month = quotas.limit("traffic:brazil").window.window_at(time.time())  # type: ignore[union-attr]
+        month = quotas.limit("traffic:brazil").period.window_at(time.time())  # type: ignore[union-attr]
         bucket = Bucket(project, "traffic:brazil", month)
         print(f"  metered so far this month: {await store.usage(bucket):,} bytes")
         print("\n  Pretend the project already used 20 TB this month:")

@@ -178,10 +178,10 @@ class QuotaCache:
         per fetch, in whichever process fetched; it never lowers it."""
         for resource, limit in quotas.limits.items():
             # Usage of a billing period that is already over says nothing about the current one.
-            if limit.used is None or (isinstance(limit.window, Window) and not limit.window.contains(now)):
+            if limit.used is None or (isinstance(limit.period, Window) and not limit.period.contains(now)):
                 continue
             try:
-                await self.store.seed(Bucket(project, resource, current_window(limit.window, now)), limit.used)
+                await self.store.seed(Bucket(project, resource, current_window(limit.period, now)), limit.used)
             except StoreError as exc:
                 logger.warning("could not seed the usage of project %r: %s", project, exc)
 

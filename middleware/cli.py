@@ -305,10 +305,10 @@ def scale_for(cached: dict[str, Any], resource: str) -> int:
 
 def _limit_doc(limit: Any) -> dict[str, Any]:
     window: Any = None
-    if isinstance(limit.window, Window):
-        window = {"start": limit.window.start, "end": limit.window.end}
-    elif isinstance(limit.window, Period):
-        window = {"period": "month" if limit.window.seconds is None else limit.window.seconds}
+    if isinstance(limit.period, Window):
+        window = {"start": limit.period.start, "end": limit.period.end}
+    elif isinstance(limit.period, Period):
+        window = {"period": "month" if limit.period.seconds is None else limit.period.seconds}
     return {
         "limit": UNLIMITED if limit.value < 0 else in_quota_units(limit.value, limit.scale),
         "scale": limit.scale,
@@ -330,7 +330,7 @@ async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     for entry in cached.values():
         for name, limit in entry["quotas"].limits.items():
             names.add(name)
-            if limit.window is not None:
+            if limit.period is not None:
                 windowed_limits.add(name)
     views = await ctx.read(ctx.store.buckets(project))
     if only:
@@ -425,8 +425,8 @@ async def _bucket_for(ctx: Context, args: argparse.Namespace) -> tuple[Bucket, i
         window = Window(*args.window)
     else:
         limit = next((e["quotas"].limits[resource] for e in cached.values() if resource in e["quotas"].limits), None)
-        if limit is not None and limit.window is not None:
-            window = current_window(limit.window, now)  # where the middleware counts right now
+        if limit is not None and limit.period is not None:
+            window = current_window(limit.period, now)  # where the middleware counts right now
         else:
             views = await ctx.read(ctx.store.buckets(project))
             found = {v.bucket.window for v in views if v.bucket.resource == resource}

@@ -252,7 +252,7 @@ class QuotaEngine:
         if limit is None:
             limit = self._unreported(demand.resource, quotas)
         now = self.clock()
-        period = limit.window or demand.period
+        period = limit.period or demand.period
         window = None if period is None else current_window(period, now)  # None: a count quota
         return Charge(Bucket(project, demand.resource, window), limit, _units(demand.cost, limit.scale), now)
 

@@ -62,8 +62,10 @@ class Limit:
     value: int
     #: Store units per quota unit (for messages and headers).
     scale: int = 1
-    #: The period the source reported (billing period), or a fixed period the source implies.
-    window: Window | Period | None = None
+    #: What the limit counts over: the billing period the source reported (a fixed Window), or a
+    #: repeating Period the source implies (a calendar month); None: a count quota. A request
+    #: counts in the window of it that contains the request (windows.current_window).
+    period: Window | Period | None = None
     #: Usage the upstream itself reported, in store units; it seeds the local counter.
     used: int | None = None
     #: What one quota unit is, for messages ("credits", "TB").
@@ -73,10 +75,10 @@ class Limit:
         doc: dict[str, Any] = {"value": self.value}
         if self.scale != 1:
             doc["scale"] = self.scale
-        if isinstance(self.window, Window):
-            doc["window"] = [self.window.start, self.window.end]
-        elif isinstance(self.window, Period):
-            doc["period"] = self.window.seconds if self.window.seconds is not None else "month"
+        if isinstance(self.period, Window):
+            doc["window"] = [self.period.start, self.period.end]
+        elif isinstance(self.period, Period):
+            doc["period"] = self.period.seconds if self.period.seconds is not None else "month"
         if self.used is not None:
             doc["used"] = self.used
         if self.unit:
@@ -87,14 +89,14 @@ class Limit:
     def from_dict(cls, doc: Any, where: str) -> Limit:
         if not isinstance(doc, dict):
             return cls(parse_limit(doc, where))
-        window: Window | Period | None = None
+        period: Window | Period | None = None
         if "window" in doc:
             start, end = doc["window"]
-            window = Window(float(start), float(end))
+            period = Window(float(start), float(end))
         elif "period" in doc:
-            window = Period.parse(doc["period"])
+            period = Period.parse(doc["period"])
         used = doc.get("used")
-        return cls(parse_limit(doc["value"], where), int(doc.get("scale", 1)), window,
+        return cls(parse_limit(doc["value"], where), int(doc.get("scale", 1)), period,
                    None if used is None else parse_limit(used, f"{where} usage"), str(doc.get("unit", "")))
 
 

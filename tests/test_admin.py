@@ -93,7 +93,7 @@ def assert_error(response: httpx.Response, status: int) -> dict[str, Any]:
 
 async def test_effective_quotas_in_barbicans_shape(store: Store) -> None:
     source = StaticSource({"secrets": 10, "orders": 0,
-                           "credits": Limit(500_000, scale=1000, window=Period.parse("month"), unit="credits"),
+                           "credits": Limit(500_000, scale=1000, period=Period.parse("month"), unit="credits"),
                            "traffic": Limit(-1, scale=10**12)})
     admin = QuotaAdmin(store, source=source, resources=BARBICAN_RESOURCES)
     await store.set_overrides("p", {"containers": 7, "orders": -1})

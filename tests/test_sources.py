@@ -81,7 +81,7 @@ async def test_latitude_seed_example_normal_billing_is_monthly_tb_in_bytes() -> 
     quotas = await source.fetch("proj_lkg1DekRdvZE5", {})
     limit = quotas.limit("traffic:brazil")
     assert limit.value == 20 * BYTES_PER_TB and limit.scale == BYTES_PER_TB and limit.unit == "TB"
-    assert limit.window == Period(None)  # calendar month
+    assert limit.period == Period(None)  # calendar month
     assert quotas.limit("traffic:reg_9QDB5qag") == limit
     request = upstream.requests[0]
     assert request.url.path == "/traffic/quota"
@@ -111,7 +111,7 @@ async def test_latitude_95th_percentile_is_a_bandwidth_rate_and_ignores_the_tb_o
     quotas = await LatitudeSource("http://l", token="k", client=Upstream(body).client()).fetch("proj_lkg1DekRdvZE5", {})
     limit = quotas.limit("traffic:brazil")
     assert limit.value == 100 * BYTES_PER_MBPS_WINDOW == 100 * 125_000 * 60
-    assert limit.window == Period(60.0) and limit.unit == "Mbps"
+    assert limit.period == Period(60.0) and limit.unit == "Mbps"
 
 
 @pytest.mark.parametrize(("method", "tb", "mbps"), [
@@ -169,7 +169,7 @@ async def test_captaindata_seed_example() -> None:
     quotas = await CaptainDataSource("https://api.cd.test", api_key="cd-key", client=upstream.client()).fetch("p", {})
     limit = quotas.limit("credits")
     assert limit.value == 100_000 and limit.scale == 1000 and limit.used == 50_000 and limit.unit == "credits"
-    assert limit.window == Window(1696118400.0, 1698796799.0)  # 2023-10-01T00:00:00Z .. 2023-10-31T23:59:59Z
+    assert limit.period == Window(1696118400.0, 1698796799.0)  # 2023-10-01T00:00:00Z .. 2023-10-31T23:59:59Z
     request = upstream.requests[0]
     assert str(request.url) == "https://api.cd.test/v1/quotas" and request.headers["x-api-key"] == "cd-key"
 
@@ -179,7 +179,7 @@ async def test_captaindata_fractional_usage_stays_exact_and_null_period_is_a_cal
                                                             "current_month_end": None}
     quotas = await CaptainDataSource(api_key="k", client=Upstream(json.dumps(doc).encode()).client()).fetch("p", {})
     assert quotas.limit("credits").used == 12_345
-    assert quotas.limit("credits").window == Period(None)
+    assert quotas.limit("credits").period == Period(None)
 
 
 @pytest.mark.parametrize(("name", "label"), [("captaindata_workspace_404.json", "WORKSPACE_404_NOT_FOUND"),

@@ -116,7 +116,7 @@ async def test_captaindata_credits_with_fractional_costs_and_upstream_usage(cloc
         rejected.json()["description"]
     assert len(calls) == 1
     await store.flush()
-    bucket = Bucket("p", "credits", mw.cache._local["p"].quotas.limit("credits").window)  # type: ignore[arg-type]
+    bucket = Bucket("p", "credits", mw.cache._local["p"].quotas.limit("credits").period)  # type: ignore[arg-type]
     assert await store.usage(bucket) == 99_800
 
 
@@ -154,7 +154,7 @@ async def test_captaindata_429_is_honoured_across_requests(clock: FakeClock) -> 
 
 
 async def test_fractional_costs_under_concurrency_on_real_redis(real_redis: Any, clock: FakeClock) -> None:
-    credits = Limit(10_000, scale=1000, window=Period.parse("month"), unit="credits")  # 10 credits
+    credits = Limit(10_000, scale=1000, period=Period.parse("month"), unit="credits")  # 10 credits
     mw = QuotaMiddleware(app(), rules=[Rule("POST", "/enrich", "credits", cost="0.3")],
                          source=StaticSource({"credits": credits}), store=RedisStore(real_redis, clock=clock),
                          clock=clock)
@@ -203,7 +203,7 @@ async def test_metering_charges_exactly_the_streamed_bytes(store: Store, clock: 
         assert response.headers["ratelimit-policy"] == f'"traffic:brazil";q=20;w={round(month.seconds)}'
     await store.flush()
     limit = mw.cache._local["proj_lkg1DekRdvZE5"].quotas.limit("traffic:brazil")
-    bucket = Bucket("proj_lkg1DekRdvZE5", "traffic:brazil", limit.window.window_at(clock()))  # type: ignore[union-attr]
+    bucket = Bucket("proj_lkg1DekRdvZE5", "traffic:brazil", limit.period.window_at(clock()))  # type: ignore[union-attr]
     assert await store.usage(bucket) == 1_000_003
 
 

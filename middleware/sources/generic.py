@@ -89,7 +89,7 @@ class JSONSource(HTTPSource):
             used_pointer = self.used.get(resource)
             used = None if used_pointer is None else resolve_pointer(doc, used_pointer)
             reported = None if used in (None, _MISSING) else max(0, parse_limit(used, str(used_pointer)))
-            limits[resource] = Limit(parse_limit(value, pointer), window=window, used=reported)
+            limits[resource] = Limit(parse_limit(value, pointer), period=window, used=reported)
         return Quotas(limits)
 
 

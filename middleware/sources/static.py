@@ -1,7 +1,7 @@
 """Quotas from configuration: the same limits for every project, with per-project overrides.
 
     StaticSource({"secrets": 100, "orders": 0})
-    StaticSource({"credits": Limit(500_000, scale=1000, window=Period.parse("month"), unit="credits")})
+    StaticSource({"credits": Limit(500_000, scale=1000, period=Period.parse("month"), unit="credits")})
 """
 
 from __future__ import annotations
