@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
@@ -21,7 +21,7 @@ from cachetools import TTLCache
 
 from . import options
 from .cache import QuotaCache
-from .errors import ConfigurationError, SourceError, SourceInvalid, SourceRejected, StoreError
+from .errors import ConfigurationError, QuotaExceeded, SourceError, SourceInvalid, SourceRejected, StoreError
 from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, ratelimit_headers
@@ -438,6 +438,56 @@ class QuotaEngine:
         if self.metrics is not None:
             self.metrics.decision(resource, outcome, project)
 
+    # -- from Python --------------------------------------------------------------------------
+
+    def reserve(self, project: str, deltas: Deltas, *, parent: str | None = None) -> Held:
+        """Check and reserve ``deltas`` for ``project``: an async context manager that commits when
+        its block ends and refunds when it raises; refused, it raises :class:`QuotaExceeded`.
+
+            async with engine.reserve("p1", {"servers": 1, "ram_mb": 2048}):
+                await create_server()
+        """
+        return Held(self, project, _demands(deltas), parent)
+
+    async def check(self, project: str, deltas: Deltas, *, parent: str | None = None) -> Rejection | None:
+        """Would ``deltas`` fit now? None if so, else the Rejection a reservation would get. Reserves
+        nothing: another request may take what is left before you reserve it."""
+        charges = await self._charges(project, _demands(deltas), [], parent)
+        overrides: dict[str, dict[str, int]] = {}
+        for charge in charges:
+            bucket = charge.bucket
+            if bucket.project not in overrides:
+                overrides[bucket.project] = await self.store.overrides(bucket.project)
+            limit = _applied(charge.limit, overrides[bucket.project].get(bucket.resource))
+            view = await self.store.inspect(bucket)
+            if limit >= 0 and view.used + charge.units > limit:
+                return charge.rejection(Decision(False, view.used, limit))
+        return None
+
+    async def usage(self, project: str, *, headers: RawHeaders = []) -> dict[str, dict[str, Any]]:  # noqa: B006
+        """Each resource's ``limit``, ``used``, ``reserved`` and ``remaining`` (quota units; -1 and
+        None where unlimited) and its current ``window`` (``{"start", "end"}``, None for a count
+        quota): what the source and the overrides allow, and what the store counts."""
+        quotas = self.cache.fresh(project) or await self.cache.get(project, headers)
+        overrides = await self.store.overrides(project)
+        names = set(quotas.limits) | set(overrides) | {
+            v.bucket.resource for v in await self.store.buckets(project) if v.bucket.window is None}
+        now = self.clock()
+        report: dict[str, dict[str, Any]] = {}
+        for name in sorted(names):
+            limit = quotas.limits.get(name) or self._default
+            window = None if limit.period is None else current_window(limit.period, now)
+            view = await self.store.inspect(Bucket(project, name, window))
+            applied = _applied(limit, overrides.get(name))
+            report[name] = {
+                "limit": UNLIMITED if applied < 0 else in_quota_units(applied, limit.scale),
+                "used": in_quota_units(view.used, limit.scale),
+                "reserved": in_quota_units(view.reserved, limit.scale),
+                "remaining": None if applied < 0 else in_quota_units(max(0, applied - view.used), limit.scale),
+                "window": None if window is None else {"start": window.start, "end": window.end},
+            }
+        return report
+
     # -- settling -------------------------------------------------------------------------------
 
     async def settle(self, reservation: Reservation, keep: bool) -> None:
@@ -489,6 +539,52 @@ def _units(cost: Number, scale: int) -> int:
 def _fields(project: str | None, resource: str | None, outcome: str) -> dict[str, Any]:
     """Log record fields (``extra``) that a structured log handler can index."""
     return {"quota_project": project, "quota_resource": resource, "quota_outcome": outcome}
+
+
+Deltas = Mapping[str, Number] | Sequence[Demand]
+
+
+def _demands(deltas: Deltas) -> tuple[Demand, ...]:
+    """``{"servers": 1, "ram_mb": 2048}`` (or Demands) as Demands, their costs checked."""
+    demands = tuple(Demand(name, cost) for name, cost in deltas.items()) if isinstance(deltas, Mapping) \
+        else tuple(deltas)
+    if not demands:
+        raise ValueError("nothing to reserve: give at least one resource")
+    for demand in demands:
+        if not isinstance(demand, Demand) or not isinstance(demand.resource, str) or not demand.resource:
+            raise ValueError(f"not a resource and its cost: {demand!r}")
+        to_store_units(demand.cost, 1)  # a ValueError for a cost that is not a number >= 0
+    return demands
+
+
+def _applied(limit: Limit, override: int | None) -> int:
+    """The limit a decision applies, in store units: an operator's override wins (see Store.reserve)."""
+    if override is None:
+        return limit.value
+    return UNLIMITED if override < 0 else override * limit.scale
+
+
+class Held:
+    """``async with engine.reserve(...)``: reserved on entry, committed or refunded on exit."""
+
+    def __init__(self, engine: QuotaEngine, project: str, demands: tuple[Demand, ...], parent: str | None) -> None:
+        self._engine = engine
+        self._project = project
+        self._demands = demands
+        self._parent = parent
+        self.admitted: Admitted | None = None
+
+    async def __aenter__(self) -> Admitted | None:
+        """What was admitted (None: let through uncounted, failing open)."""
+        outcome = await self._engine.admit(self._project, *self._demands, parent=self._parent)
+        if isinstance(outcome, Rejection):
+            raise QuotaExceeded(outcome)
+        self.admitted = outcome
+        return outcome
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.admitted is not None:
+            await self._engine.settle_all(self.admitted, keep=kind is None)
 
 
 class _CountUnlimited:
