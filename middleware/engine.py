@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
@@ -464,13 +464,15 @@ class QuotaEngine:
                 return charge.rejection(Decision(False, view.used, limit))
         return None
 
-    async def usage(self, project: str, *, headers: RawHeaders = []) -> dict[str, dict[str, Any]]:  # noqa: B006
+    async def usage(self, project: str, *, headers: RawHeaders = [],  # noqa: B006 - never mutated
+                    resources: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
         """Each resource's ``limit``, ``used``, ``reserved`` and ``remaining`` (quota units; -1 and
         None where unlimited) and its current ``window`` (``{"start", "end"}``, None for a count
-        quota): what the source and the overrides allow, and what the store counts."""
+        quota): what the source and the overrides allow, and what the store counts. ``resources``
+        are shown even where nothing mentions them."""
         quotas = self.cache.fresh(project) or await self.cache.get(project, headers)
         overrides = await self.store.overrides(project)
-        names = set(quotas.limits) | set(overrides) | {
+        names = set(quotas.limits) | set(overrides) | set(resources) | {
             v.bucket.resource for v in await self.store.buckets(project) if v.bucket.window is None}
         now = self.clock()
         report: dict[str, dict[str, Any]] = {}
