@@ -84,10 +84,10 @@ class Charge:
     units: int
     now: float
 
-    def headers(self, decision: Decision, used: int | None = None) -> RawHeaders:
+    def headers(self, decision: Decision, used: int | None = None, name: str | None = None) -> RawHeaders:
         limit = self.limit if decision.limit == self.limit.value else replace(self.limit, value=decision.limit)
         used = decision.used if used is None else used
-        return ratelimit_headers(self.bucket.resource, limit, used, self.bucket.window, self.now)
+        return ratelimit_headers(name or self.bucket.resource, limit, used, self.bucket.window, self.now)
 
     def rejection(self, decision: Decision) -> Rejection:
         """Over quota: the limit applied may be an operator's override of the source's."""
@@ -619,9 +619,12 @@ def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *
     """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy."""
     policies: list[bytes] = []
     states: list[bytes] = []
+    own = charges[0].bucket.project
     for charge, decision in zip(charges, decisions, strict=True):
         used = decision.used - charge.units if refused and decision.admitted else decision.used
-        for name, value in charge.headers(decision, used):
+        bucket = charge.bucket  # a parent's policy is named with its project: "acme/servers"
+        policy = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
+        for name, value in charge.headers(decision, used, policy):
             (policies if name == b"ratelimit-policy" else states).append(value)
     if not policies:
         return []
