@@ -308,8 +308,9 @@ class QuotaEngine:
         """Every bucket the demands charge: the project's, and its parent's (strict two-level:
         a parent's limit covers its own usage and its children's); a bucket named twice once."""
         levels = [project]
-        if parent is None:
-            parent = await self.parent_of(project, headers)
+        if parent is None and self._parents is not None:
+            known = self._parents.get(project, _UNKNOWN)  # most often at hand: no coroutine
+            parent = await self.parent_of(project, headers) if known is _UNKNOWN else known  # type: ignore[assignment]
         if parent is not None:
             if parent == project:
                 raise SourceInvalid(f"project {project!r} is its own parent")
@@ -505,9 +506,26 @@ class QuotaEngine:
                            extra=_fields(reservation.bucket.project, reservation.bucket.resource, "settle_failed"))
 
     async def settle_all(self, admitted: Admitted, keep: bool) -> None:
-        """Keep or give back every reservation of an admitted request, together."""
-        for reservation in admitted.reservations:
-            await self.settle(reservation, keep)
+        """Keep or give back every reservation of an admitted request, together (see settle)."""
+        if len(admitted.decisions) == 1:
+            reservation = admitted.decisions[0].reservation
+            if reservation is not None:
+                await self.settle(reservation, keep)
+            return
+        for decision in admitted.decisions:
+            reservation = decision.reservation
+            if reservation is None:
+                continue
+            if not keep:
+                self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
+            try:
+                # No coroutine for a store that settles in process (or hands the settlement over).
+                if not self._settle_nowait(reservation, keep):
+                    await (self.store.commit(reservation) if keep else self.store.refund(reservation))
+            except StoreError as exc:
+                logger.warning(SETTLE_FAILED, reservation.bucket.project, exc,
+                               extra=_fields(reservation.bucket.project, reservation.bucket.resource,
+                                             "settle_failed"))
 
     async def release(self, bucket: Bucket, units: int) -> None:
         """Give ``units`` back after a delete, never below zero (a store failure is logged)."""

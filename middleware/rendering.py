@@ -6,6 +6,7 @@ renderer (``problem_json`` or your own) to the middleware to change it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -97,13 +98,17 @@ def ratelimit_headers(resource: str, limit: Limit, used: int, window: Window | N
     """
     if limit.value < 0:
         return []
-    name = _sf_string(resource)
-    quota = limit.value // limit.scale
-    remaining = max(0, limit.value - used) // limit.scale
-    policy = f"{name};q={quota}"
-    state = f"{name};r={remaining}"
+    seconds = None if window is None else max(1, round(window.seconds))
+    name, policy = _policy(resource, limit.value // limit.scale, seconds)
+    state = name + b";r=" + str(max(0, limit.value - used) // limit.scale).encode()
     if window is not None:
-        policy += f";w={max(1, round(window.seconds))}"
-        state += f";t={max(0, math.ceil(window.end - now))}"
-    return [(b"ratelimit-policy", policy.encode("ascii", "backslashreplace")),
-            (b"ratelimit", state.encode("ascii", "backslashreplace"))]
+        state += b";t=" + str(max(0, math.ceil(window.end - now))).encode()
+    return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _policy(resource: str, quota: int, seconds: int | None) -> tuple[bytes, bytes]:
+    """(the encoded name, the whole policy): the same for every request until the limit changes."""
+    name = _sf_string(resource).encode("ascii", "backslashreplace")
+    policy = name + b";q=" + str(quota).encode()
+    return name, policy if seconds is None else policy + b";w=" + str(seconds).encode()

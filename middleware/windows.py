@@ -8,6 +8,7 @@ belong to one window and start from zero in the next.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import UTC, datetime
 
 from .errors import ConfigurationError
@@ -15,8 +16,11 @@ from .errors import ConfigurationError
 _NAMED = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+# A named tuple: windowed buckets are dict keys on every request, and a tuple hashes in C where a
+# frozen dataclass runs a Python __hash__ each time.
+class Window(NamedTuple):
+    """An absolute period ``[start, end)`` in epoch seconds."""
+
     start: float
     end: float
 

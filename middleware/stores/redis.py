@@ -223,7 +223,14 @@ class RedisStore(Store, SharedState):
             futures.append(loop.create_future())
             self._enqueue(_op(self.prefix, claim.bucket, RESERVE_IN_GROUP, claim.cost, claim.limit,
                               member(group, claim.cost), lease_until, futures[-1], scale=claim.scale))
-        answers = await asyncio.gather(*futures)
+        # Every answer comes from the same script reply: awaited in turn, no gather machinery.
+        try:
+            answers = [await future for future in futures]
+        except BaseException:
+            for future in futures:  # the others failed alike: retrieved, so that none is reported unseen
+                if future.done() and not future.cancelled():
+                    future.exception()
+            raise
         admitted = all(flag == 1 for flag, _, _ in answers)
         return [Decision(admitted, used, limit,
                          Reservation(claim.bucket, claim.cost, member(group, claim.cost), lease_until) if admitted
