@@ -8,8 +8,8 @@ belong to one window and start from zero in the next.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from .errors import ConfigurationError
 
