@@ -5,7 +5,7 @@
 
 Each revision is checked out in a temporary git worktree (the working tree is used as it is) and
 serves its own ``bench/apps.py`` ``guarded_app`` (the guarded route of throughput.py) in its own
-uvicorn (1 worker; ``--workers N`` uses throughput.py's prefork launcher), with its own
+uvicorn (1 worker; ``--workers N`` uses the harness's prefork launcher), with its own
 redis-server. wrk loads the two in interleaved rounds whose order alternates, so that a machine
 whose speed drifts hits both alike. It prints, per round and as
 medians over the rounds, req/s and the server's CPU per answered request, and the ratio
@@ -16,16 +16,27 @@ the numbers. Needs git, wrk and Debian's redis-server.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import shutil
 import statistics
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
-from throughput import ROOT, Target, group_cpu, run_load, server_impl, start_redis, wrk_command
+from harness import (
+    CREATE,
+    SERVER_KINDS,
+    Procs,
+    group_cpu,
+    run_load,
+    serve_and_wait,
+    start_redis,
+    workspace,
+    wrk_command,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -34,7 +45,7 @@ class Build:
     rev: str | None  # None: the working tree
     tree: Path
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[Any] | None = None
     rps: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
 
@@ -49,29 +60,21 @@ def checkout(name: str, rev: str, tmp: Path) -> Path:
 
 
 def serve(procs: Procs, build: Build, redis_url: str, leases: bool, workers: int) -> None:
-    build.port = free_port()
     # The build's own package first: the tree is the working directory and on PYTHONPATH.
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(build.tree), "REDIS_URL": redis_url,
            "QUOTA_LOCAL_LEASES": "1" if leases else "0"}
-    app_dir = str(build.tree / "bench")
-    if workers > 1:  # throughput.py's prefork launcher, serving the build's own bench/apps.py
-        loop, http = server_impl()
-        argv = [sys.executable, str(Path(__file__).resolve().with_name("throughput.py")), "_serve",
-                json.dumps({"app": "guarded_app", "app_dir": app_dir, "port": build.port, "workers": workers,
-                            "loop": loop, "http": http, "sockets": "reuseport"})]
-    else:
-        argv = [sys.executable, "-m", "uvicorn", "apps:guarded_app", "--app-dir", app_dir, "--host", HOST,
-                "--port", str(build.port), "--no-access-log", "--log-level", "warning"]
-    build.proc = procs.start(argv, cwd=build.tree, env=env)
-    wait_http(build.port, build.proc, "/health", 200)
+    # uvloop and httptools where installed, as uvicorn itself picks.
+    standard = all(importlib.util.find_spec(m) for m in ("uvloop", "httptools"))
+    build.proc, build.port = serve_and_wait(procs, "guarded_app", app_dir=build.tree / "bench",
+                                            kind=SERVER_KINDS["httptools" if standard else "h11"], env=env,
+                                            cwd=build.tree, workers=workers)
 
 
 def load(procs: Procs, tmp: Path, build: Build, args: argparse.Namespace, measured: bool) -> None:
-    target = Target(build.name, build.name, "POST", "/v1/secrets", 201)
     assert build.proc is not None
     before = group_cpu(build.proc.pid)
     duration = args.duration if measured else args.warmup
-    result = run_load(procs, wrk_command(target, build.port, args.connections, duration, tmp), duration)
+    result = run_load(procs, wrk_command(CREATE, build.port, args.connections, duration, tmp), duration)
     after = group_cpu(build.proc.pid)
     answered = result["statuses"].get("201", 0)
     if not measured:

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from apps import build_app  # bench/apps.py: sys.path[0] is bench/
-from procs import workspace
-from throughput import ROOT, start_redis
+from apps import build_app
+from harness import start_redis, workspace
 
-sys.path.append(str(ROOT))  # after PYTHONPATH: PYTHONPATH=<a worktree> measures that build
-from middleware import MemoryStore, QuotaMiddleware, RedisStore, Rule, StaticSource  # noqa: E402
+from middleware import MemoryStore, QuotaMiddleware, RedisStore, Rule, StaticSource
 
 App = Callable[..., Awaitable[None]]
 CONNECTIONS = 32

@@ -47,21 +47,17 @@ a small asyncio HTTP/1.1 keep-alive client in a subprocess (``--loader python``)
 on a small machine it takes CPU from the server and lowers every number alike.
 
     .venv/bin/python bench/throughput.py [--workers 1,2] [--rounds N] [--duration S] [--rate R]
+
+The plumbing (processes, redis-server, uvicorn, load generators, /proc) is bench/harness/.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib.metadata
 import importlib.util
-import json
-import math
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,13 +67,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
+from harness import (
+    CREATE,
+    HEALTH,
+    SERVER_KINDS,
+    Procs,
+    RedisMeter,
+    RedisPhase,
+    RedisServer,
+    Route,
+    closed_loop_command,
+    commandstats,
+    count_errors,
+    environment,
+    fixed_rate_command,
+    fmt,
+    group_cpu,
+    percentile,
+    run_load,
+    serve_and_wait,
+    start_redis,
+    stats_delta,
+    workspace,
+    wrk_command,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PROJECTS = [f"bench-project-{i}" for i in range(8)]
-BODY = b'{"name": "bench", "payload": "c2VjcmV0"}'
-LOAD_MARK = "BENCHJSON "
 #: LeasingStore's default block_seconds plus a margin: after this, every block of a phase is settled.
 SETTLE_WAIT = 1.4
 
@@ -89,16 +105,14 @@ class Server:
     env: dict[str, str]
     redis: str | None = None  # the name of its redis-server (guarded servers only)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[Any] | None = None
 
 
 @dataclass
 class Target:
     name: str
     server: str
-    method: str
-    path: str
-    expected: int
+    route: Route
     baseline: str | None = None  # the target this one is compared with
     goal: float | None = None  # minimum ratio to the baseline the issue asks for
     rps: list[float] = field(default_factory=list)
@@ -111,10 +125,6 @@ class Target:
     latency_requests: int = 0
     latency_seconds: float = 0.0
     latency_errors: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def route(self) -> str:
-        return f"{self.method} {self.path}"
 
 
 def make_servers(redis_urls: dict[str, str]) -> list[Server]:
@@ -130,441 +140,36 @@ def make_servers(redis_urls: dict[str, str]) -> list[Server]:
 
 def make_targets() -> list[Target]:
     return [
-        Target("bare", "bare", "POST", "/v1/secrets", 201),
+        Target("bare", "bare", CREATE),
         # Calibration: the least any quota middleware does, in process (bench/apps.py).
-        Target("minimal", "minimal", "POST", "/v1/secrets", 201, baseline="bare"),
-        Target("leases-on", "leases-on", "POST", "/v1/secrets", 201, baseline="bare", goal=0.90),
-        Target("leases-off", "leases-off", "POST", "/v1/secrets", 201, baseline="bare", goal=0.75),
-        Target("bare-health", "bare", "GET", "/health", 200),
-        Target("unguarded", "leases-off", "GET", "/health", 200, baseline="bare-health", goal=0.97),
+        Target("minimal", "minimal", CREATE, baseline="bare"),
+        Target("leases-on", "leases-on", CREATE, baseline="bare", goal=0.90),
+        Target("leases-off", "leases-off", CREATE, baseline="bare", goal=0.75),
+        Target("bare-health", "bare", HEALTH),
+        Target("unguarded", "leases-off", HEALTH, baseline="bare-health", goal=0.97),
     ]
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def group_cpu(pgid: int) -> float | None:
-    """CPU seconds (user + system) used so far by every live process of a process group (Linux /proc)."""
-    total = 0
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) == pgid:  # fields[0] is the state, [1] ppid, [2] pgrp
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
-
-
-@dataclass
-class Redis:
-    name: str
-    client: Any
-    url: str
-    pid: int
-
-
-def start_redis(procs: Procs, tmp: Path, name: str = "redis") -> Redis:
-    import redis  # the sync client that comes with the project's redis dependency
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found on PATH (Debian: apt-get install redis-server)")
-    port = free_port()
-    workdir = tmp / name
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = procs.start([binary, "--port", str(port), "--bind", HOST, "--protected-mode", "yes",
-                        "--save", "", "--appendonly", "no", "--daemonize", "no",
-                        "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(host=HOST, port=port, socket_timeout=5.0)
-    deadline = time.monotonic() + 10.0
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"redis-server did not start on {HOST}:{port} (see {workdir}/redis.log)") from None
-            time.sleep(0.05)
-    client.flushall()
-    return Redis(name, client, f"redis://{HOST}:{port}/0", proc.pid)
-
-
-def server_impl() -> tuple[str, str]:
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    return loop, http
-
-
-def start_server(procs: Procs, server: Server, workers: int, multiworker: str, env: dict[str, str]) -> None:
-    loop, http = server_impl()
-    server.port = port = free_port()
-    if workers > 1 and multiworker != "uvicorn":
-        sockets = "shared" if multiworker == "prefork-shared" else "reuseport"
-        argv = [sys.executable, str(Path(__file__).resolve()), "_serve",
-                json.dumps({"app": server.app, "port": port, "workers": workers, "loop": loop, "http": http,
-                            "sockets": sockets})]
-    else:
-        argv = [sys.executable, "-m", "uvicorn", f"apps:{server.app}", "--app-dir", str(HERE),
-                "--host", HOST, "--port", str(port), "--workers", str(workers),
-                "--loop", loop, "--http", http, "--no-access-log", "--log-level", "warning"]
-    server.proc = procs.start(argv, cwd=ROOT, env={**env, **server.env})
-
-
-def _serve(spec: dict[str, Any]) -> None:
-    """N uvicorn servers on one port (`throughput.py _serve SPEC`, forks N workers).
-
-    Like `uvicorn --workers N`, with two differences. Sockets are made with proto=IPPROTO_TCP:
-    uvicorn's Config.bind_socket leaves proto at 0, so asyncio never sets TCP_NODELAY on accepted
-    connections, and with h11 (headers and body written separately) every keep-alive request
-    then waits ~40 ms for the client's delayed ACK (uvicorn issue #3149). And by default
-    (``reuseport``) every worker listens on its own SO_REUSEPORT socket, so that the kernel spreads
-    connections over the workers: on one shared socket (``shared``), asyncio accepts up to 100
-    connections per wake-up, and the first worker awake usually takes all of a load generator's
-    keep-alive connections while the others idle.
-    """
-    import uvicorn
-
-    if "app_dir" in spec:  # builds.py: another tree's bench/apps.py
-        sys.path.insert(0, spec["app_dir"])
-
-    def listening_socket() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if spec["sockets"] == "reuseport":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((HOST, spec["port"]))
-        sock.listen(2048)
-        return sock
-
-    shared = listening_socket() if spec["sockets"] == "shared" else None
-    children = []
-    for _ in range(spec["workers"]):
-        pid = os.fork()
-        if pid == 0:
-            sock = shared if shared is not None else listening_socket()
-            config = uvicorn.Config(f"apps:{spec['app']}", host=HOST, port=spec["port"], loop=spec["loop"],
-                                    http=spec["http"], access_log=False, log_level="warning")
-            uvicorn.Server(config).run(sockets=[sock])
-            os._exit(0)
-        children.append(pid)
-    # The harness stops this whole process group; just wait for the workers.
-    for pid in children:
-        os.waitpid(pid, 0)
-
-
-# -- load -----------------------------------------------------------------------------------------
-
-def request_bytes(target: Target, port: int) -> list[bytes]:
-    """One request per project (rotating X-Project-Id), the same bytes for bare and guarded."""
-    out = []
-    for project in PROJECTS:
-        lines = [f"{target.method} {target.path} HTTP/1.1", f"Host: {HOST}:{port}", f"X-Project-Id: {project}"]
-        body = b""
-        if target.method == "POST":
-            body = BODY
-            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        out.append(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-    return out
-
-
-WRK_SCRIPT = """
-local method, path, body = %(method)s, %(path)s, %(body)s
-local projects = {%(projects)s}
-local reqs, i, threads = {}, 0, {}
-counts = {}
-
-function setup(thread) table.insert(threads, thread) end
-
-function init(args)
-  for k, p in ipairs(projects) do
-    local h = {["X-Project-Id"] = p}
-    if body then h["Content-Type"] = "application/json" end
-    reqs[k] = wrk.format(method, path, h, body)
-  end
-end
-
-function request()
-  i = i %% #reqs + 1
-  return reqs[i]
-end
-
-function response(status, headers, _)
-  local s = tostring(status)
-  counts[s] = (counts[s] or 0) + 1
-end
-
-function done(summary, latency, requests)
-  local parts = {}
-  for _, t in ipairs(threads) do
-    for s, n in pairs(t:get("counts")) do parts[#parts + 1] = string.format('"%%s": %%d', s, n) end
-  end
-  local e = summary.errors
-  io.write(string.format('%(mark)s{"requests": %%d, "seconds": %%f, "statuses": [{%%s}], '
-    .. '"socket_errors": {"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}}\\n',
-    summary.requests, summary.duration / 1e6, table.concat(parts, "}, {"),
-    e.connect, e.read, e.write, e.timeout))
-end
-"""
-
-
-def lua_str(value: str | bytes | None) -> str:
-    if value is None:
-        return "nil"
-    text = value.decode() if isinstance(value, bytes) else value
-    return json.dumps(text)  # a JSON string of ASCII text is a valid Lua string literal
-
-
-def wrk_command(target: Target, port: int, connections: int, duration: int, tmp: Path) -> list[str]:
-    script = tmp / f"{target.name}.lua"
-    if not script.exists():
-        script.write_text(WRK_SCRIPT % {
-            "method": lua_str(target.method), "path": lua_str(target.path),
-            "body": lua_str(BODY if target.method == "POST" else None),
-            "projects": ", ".join(lua_str(p) for p in PROJECTS), "mark": LOAD_MARK})
-    return ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(script),
-            f"http://{HOST}:{port}{target.path}"]
-
-
-def python_load_command(target: Target, port: int, connections: int, duration: int) -> list[str]:
-    spec = {"port": port, "connections": connections, "duration": duration,
-            "requests": [r.decode("latin-1") for r in request_bytes(target, port)]}
-    return [sys.executable, str(Path(__file__).resolve()), "_load", json.dumps(spec)]
-
-
-def fixed_rate_command(target: Target, port: int, rate: float, connections: int, duration: float) -> list[str]:
-    spec = {"port": port, "connections": connections, "duration": duration, "rate": rate,
-            "requests": [r.decode("latin-1") for r in request_bytes(target, port)]}
-    return [sys.executable, str(Path(__file__).resolve()), "_fixed", json.dumps(spec)]
-
-
-def run_load(procs: Procs, argv: list[str], duration: float) -> dict[str, Any]:
-    proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=duration + 20)
-    except subprocess.TimeoutExpired:
-        procs.stop(proc)
-        raise SystemExit(f"load generator did not finish within {duration + 20}s: {argv[0]}") from None
-    procs.procs.remove(proc)
-    for line in out.decode(errors="replace").splitlines():
-        if line.startswith(LOAD_MARK):
-            result: dict[str, Any] = json.loads(line[len(LOAD_MARK):])
-            merged: Counter[str] = Counter()
-            for part in result["statuses"]:
-                merged.update(part)
-            result["statuses"] = merged
-            return result
-    raise SystemExit(f"load generator failed (exit {proc.returncode}):\n{out.decode()}\n{err.decode()}")
-
-
-# The Python load generators (separate processes: `throughput.py _load SPEC`, `throughput.py _fixed SPEC`).
-
-async def _read_response(reader: asyncio.StreamReader) -> str:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if length:
-        await reader.readexactly(length)
-    return head[9:12].decode("latin-1")
-
-
-async def _connection(port: int, requests: list[bytes], first: int, deadline: float, statuses: Counter[str],
-                      errors: Counter[str]) -> None:
-    try:
-        reader, writer = await asyncio.open_connection(HOST, port)
-    except OSError:
-        errors["connect"] += 1
-        return
-    i = first
-    try:
-        while time.monotonic() < deadline:
-            writer.write(requests[i % len(requests)])
-            i += 1
-            statuses[await _read_response(reader)] += 1
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-        errors["read"] += 1
-    finally:
-        writer.close()
-
-
-async def _load(spec: dict[str, Any]) -> None:
-    """Closed loop: every connection sends its next request as soon as the previous one is answered."""
-    requests = [r.encode("latin-1") for r in spec["requests"]]
-    statuses: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    start = time.monotonic()
-    deadline = start + spec["duration"]
-    tasks = [asyncio.create_task(_connection(spec["port"], requests, n, deadline, statuses, errors))
-             for n in range(spec["connections"])]
-    done, pending = await asyncio.wait(tasks, timeout=spec["duration"] + 10)
-    for task in pending:
-        task.cancel()
-        errors["timeout"] += 1
-    seconds = time.monotonic() - start
-    result = {"requests": sum(statuses.values()), "seconds": seconds, "statuses": [dict(statuses)],
-              "socket_errors": {k: errors[k] for k in ("connect", "read", "write", "timeout")}}
-    print(LOAD_MARK + json.dumps(result), flush=True)
-
-
-async def _fixed(spec: dict[str, Any]) -> None:
-    """Open loop at a fixed rate: request i is due at start + i/rate, whatever came back before.
-
-    Each of the keep-alive connections, whenever it is idle, takes the next due request, waits for
-    its scheduled time and sends it. A request that finds every connection busy is sent late, and
-    its latency still counts from its scheduled time (no coordinated omission). Reports, per
-    request, answer time - scheduled time, and the generator's own lateness (send - scheduled).
-    """
-    requests = [r.encode("latin-1") for r in spec["requests"]]
-    rate, total = float(spec["rate"]), int(spec["rate"] * spec["duration"])
-    statuses: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    latency: list[int] = []
-    lag: list[int] = []
-    conns = []
-    for k in range(spec["connections"]):
-        try:
-            reader, writer = await asyncio.open_connection(HOST, spec["port"])
-            writer.write(requests[k % len(requests)])  # one unmeasured request: the connection is warm
-            await _read_response(reader)
-            conns.append((reader, writer))
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            errors["connect"] += 1
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.02
-    next_i = 0
-
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal next_i
-        try:
-            while next_i < total:
-                i = next_i
-                next_i += 1
-                due = start + i / rate
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                sent = loop.time()
-                writer.write(requests[i % len(requests)])
-                status = await _read_response(reader)
-                latency.append(int((loop.time() - due) * 1e6))
-                lag.append(int((sent - due) * 1e6))
-                statuses[status] += 1
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            errors["read"] += 1
-        finally:
-            writer.close()
-
-    tasks = [asyncio.create_task(connection(r, w)) for r, w in conns]
-    done, pending = await asyncio.wait(tasks, timeout=spec["duration"] + 10) if tasks else (set(), set())
-    for task in pending:
-        task.cancel()
-        errors["timeout"] += 1
-    result = {"requests": sum(statuses.values()), "seconds": loop.time() - start, "statuses": [dict(statuses)],
-              "socket_errors": {k: errors[k] for k in ("connect", "read", "write", "timeout")},
-              "latency_us": latency, "lag_us": lag}
-    print(LOAD_MARK + json.dumps(result), flush=True)
-
-
-# -- Redis accounting -----------------------------------------------------------------------------
-
-def commandstats(client: Any) -> dict[str, tuple[int, int]]:
-    """{command: (calls, usec)} from INFO commandstats."""
-    info = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in info.items()}
-
-
-def stats_delta(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for name, (calls, usec) in after.items():
-        b_calls, b_usec = before.get(name, (0, 0))
-        if name != "info" and calls > b_calls:  # INFO is this script's own probe
-            out[name] += calls - b_calls
-            out[name + ":usec"] += usec - b_usec
-    return out
-
-
-@dataclass
-class RedisPhase:
-    """What one guarded server's redis-server did during one phase."""
-
-    requests: int  # 201 answers of the guarded target in the phase (warm-up included)
-    delta: Counter[str]
-    cpu: float | None  # redis-server CPU seconds
-
-    @property
-    def commands(self) -> int:
-        return sum(v for k, v in self.delta.items() if not k.endswith(":usec"))
-
-    @property
-    def scripts(self) -> int:
-        return self.delta["evalsha"] + self.delta["eval"]
-
-
-class RedisMeter:
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self.mark()
-
-    def mark(self) -> None:
-        self.stats, self.cpu = commandstats(self.redis.client), group_cpu(self.redis.pid)
-
-    def take(self, requests: int) -> RedisPhase:
-        before, cpu_before = self.stats, self.cpu
-        self.mark()
-        cpu = None if cpu_before is None or self.cpu is None else self.cpu - cpu_before
-        return RedisPhase(requests, stats_delta(before, self.stats), cpu)
 
 
 # -- the run --------------------------------------------------------------------------------------
 
 def record(target: Target, result: dict[str, Any], cpu: float | None) -> float:
     statuses: Counter[str] = result["statuses"]
-    ok = statuses.get(str(target.expected), 0)
+    ok = statuses.get(str(target.route.expected), 0)
     rps = ok / result["seconds"]
     target.rps.append(rps)
     if cpu is not None and ok:
         target.cpu_us.append(cpu * 1e6 / ok)
     target.requests += ok
-    count_errors(target.errors, target, result)
+    count_errors(target.errors, target.route.expected, result)
     return rps
 
 
 def record_latency(target: Target, result: dict[str, Any]) -> None:
     target.latency_us += result["latency_us"]
     target.lag_us += result["lag_us"]
-    target.latency_requests += result["statuses"].get(str(target.expected), 0)
+    target.latency_requests += result["statuses"].get(str(target.route.expected), 0)
     target.latency_seconds += result["seconds"]
-    count_errors(target.latency_errors, target, result)
-
-
-def count_errors(errors: Counter[str], target: Target, result: dict[str, Any]) -> None:
-    for status, n in result["statuses"].items():
-        if status != str(target.expected):
-            errors[f"HTTP {status}"] += n
-    for kind, n in result["socket_errors"].items():
-        if n:
-            errors[f"socket {kind}"] += n
-
-
-def percentile(values: list[int], q: float) -> float:
-    """Nearest-rank percentile (values need not be sorted)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))])
+    count_errors(target.latency_errors, target.route.expected, result)
 
 
 @dataclass
@@ -579,17 +184,15 @@ class Phase:
         return next(t for t in self.targets if t.name == name)
 
 
-def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, redises: dict[str, Redis],
+def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, redises: dict[str, RedisServer],
               env: dict[str, str]) -> Phase:
     for r in redises.values():
         r.client.flushall()
     servers = {s.name: s for s in make_servers({name: r.url for name, r in redises.items()})}
-    for s in servers.values():
-        start_server(procs, s, workers, args.multiworker, env)
     try:
         for s in servers.values():
-            assert s.proc is not None
-            wait_http(s.port, s.proc, "/health", 200)
+            s.proc, s.port = serve_and_wait(procs, s.app, app_dir=HERE, kind=args.kind, env={**env, **s.env},
+                                            cwd=tmp, workers=workers, multiworker=args.multiworker)
         return measure(procs, tmp, args, workers, servers, redises)
     finally:
         for s in servers.values():
@@ -598,9 +201,9 @@ def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, r
 
 
 def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, servers: dict[str, Server],
-            redises: dict[str, Redis]) -> Phase:
+            redises: dict[str, RedisServer]) -> Phase:
     targets = make_targets()
-    guarded = {t.server: t for t in targets if t.server in redises and t.method == "POST"}
+    guarded = {t.server: t for t in targets if t.server in redises and t.route == CREATE}
     meters = {name: RedisMeter(r) for name, r in redises.items()}
     print(f"\n== {workers} worker{'s' if workers > 1 else ''} per server: ports "
           + ", ".join(f"{s.name} {s.port}" for s in servers.values()), flush=True)
@@ -608,13 +211,13 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, ser
     def throughput_round(t: Target, duration: int) -> dict[str, Any]:
         port = servers[t.server].port
         if args.loader == "wrk":
-            return run_load(procs, wrk_command(t, port, args.connections, duration, tmp), duration)
-        return run_load(procs, python_load_command(t, port, args.connections, duration), duration)
+            return run_load(procs, wrk_command(t.route, port, args.connections, duration, tmp), duration)
+        return run_load(procs, closed_loop_command(t.route, port, args.connections, duration), duration)
 
     if args.warmup:
         for t in targets:
             result = throughput_round(t, args.warmup)
-            t.warm_requests += result["statuses"].get(str(t.expected), 0)
+            t.warm_requests += result["statuses"].get(str(t.route.expected), 0)
 
     other_redis = 0
     for r in range(args.rounds):
@@ -645,7 +248,7 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, ser
         order = targets[r % len(targets):] + targets[:r % len(targets)]
         line = []
         for t in order:
-            argv = fixed_rate_command(t, servers[t.server].port, args.rate, args.latency_connections,
+            argv = fixed_rate_command(t.route, servers[t.server].port, args.rate, args.latency_connections,
                                       args.latency_duration)
             result = run_load(procs, argv, args.latency_duration)
             record_latency(t, result)
@@ -667,10 +270,6 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, ser
 
 
 # -- the report -----------------------------------------------------------------------------------
-
-def fmt(n: float) -> str:
-    return f"{n:,.0f}"
-
 
 def ratios(phase: Phase, t: Target) -> tuple[float, float] | None:
     if not t.baseline:
@@ -708,7 +307,7 @@ def report_phase(phase: Phase, args: argparse.Namespace) -> None:
             goal, ok = f">={t.goal:.2f}", met(t.goal, *r)
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(t.errors.items())) or "0"
         cpu = f"{statistics.median(t.cpu_us):.0f}" if t.cpu_us else "n/a"
-        print(f"{t.name:<12} {t.route:<17} {t.server:<11} {fmt(statistics.median(t.rps)):>7} {fmt(min(t.rps)):>7} "
+        print(f"{t.name:<12} {str(t.route):<17} {t.server:<11} {fmt(statistics.median(t.rps)):>7} {fmt(min(t.rps)):>7} "
               f"{fmt(max(t.rps)):>7} {vs:<12} {ratio:>6} {paired:>6} {goal:>7} {ok:>4} {cpu:>10}  {errors}")
 
     if args.latency_rounds:
@@ -735,7 +334,7 @@ def report_latency(phase: Phase, args: argparse.Namespace) -> None:
         lag = f"{percentile(t.lag_us, 50) / 1000:.2f}/{percentile(t.lag_us, 99) / 1000:.2f}"
         rate = t.latency_requests / t.latency_seconds if t.latency_seconds else 0.0
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(t.latency_errors.items())) or "0"
-        print(f"{t.name:<12} {t.route:<17} {t.latency_requests:>8,} {rate:>6.0f} {p50:>6.2f} {p90:>6.2f} {p99:>6.2f} "
+        print(f"{t.name:<12} {str(t.route):<17} {t.latency_requests:>8,} {rate:>6.0f} {p50:>6.2f} {p90:>6.2f} {p99:>6.2f} "
               f"{max(lat, default=0) / 1000:>7.2f} {vs:<12} {add50:>6} {add99:>6}  {lag:>15}  {errors}")
 
 
@@ -771,7 +370,7 @@ def report_summary(phases: list[Phase], args: argparse.Namespace) -> None:
         head += f" | {c + ' req/s':>15} {'ratio':>6} {'paired':>6} {'met':>4}"
     print(head + " | goal")
     for t0 in phases[0].targets:
-        row = f"{t0.name:<12} {t0.route:<17} {t0.baseline or '':<12}"
+        row = f"{t0.name:<12} {str(t0.route):<17} {t0.baseline or '':<12}"
         for p in phases:
             t = p.target(t0.name)
             r = ratios(p, t)
@@ -796,7 +395,7 @@ def summary_latency(phases: list[Phase], args: argparse.Namespace, cols: list[st
         head += f" | {c + ' p50':>13} {'p99':>6} {'+p50':>6} {'+p99':>6}"
     print(head)
     for t0 in phases[0].targets:
-        row = f"{t0.name:<12} {t0.route:<17} {t0.baseline or '':<12}"
+        row = f"{t0.name:<12} {str(t0.route):<17} {t0.baseline or '':<12}"
         for p in phases:
             t = p.target(t0.name)
             p50, p99 = percentile(t.latency_us, 50) / 1000, percentile(t.latency_us, 99) / 1000
@@ -824,17 +423,6 @@ def summary_redis(phases: list[Phase], args: argparse.Namespace, cols: list[str]
                 n = max(rp.requests, 1)
                 row += f" | {rp.commands / n:>18.3f} {rp.scripts / n:>11.4f}"
             print(row)
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "middleware"],
-                               capture_output=True, text=True, timeout=5).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head or '?'}" + (f" + uncommitted changes in {len(dirty)} middleware file(s)" if dirty else " (clean)")
 
 
 def parse_workers(text: str) -> list[int]:
@@ -875,6 +463,9 @@ def main() -> int:
         args.loader = "wrk" if shutil.which("wrk") else "python"
     elif args.loader == "wrk" and not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk); use --loader python")
+    # uvloop and httptools where installed (uvicorn[standard], the bench extra), as uvicorn itself picks.
+    standard = all(importlib.util.find_spec(m) for m in ("uvloop", "httptools"))
+    args.kind = SERVER_KINDS["httptools" if standard else "h11"]
 
     def terminated(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -891,26 +482,20 @@ def main() -> int:
 
 def run(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
     started = time.monotonic()
-    loop, http = server_impl()
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "starlette", "redis"))
-    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
-    print(f"python {platform.python_version()}, {versions}; {os.cpu_count()} CPUs; "
-          f"redis-server {next((w[2:] for w in redis_version if w.startswith('v=')), '?')}; "
-          f"middleware at {git_state()}")
+    print(environment("uvicorn", "uvloop", "httptools", "starlette", "redis"))
     multi = {"prefork": "prefork launcher (uvicorn.Server per worker, each on its own SO_REUSEPORT socket)",
              "prefork-shared": "prefork launcher (uvicorn.Server per worker, one shared socket)",
              "uvicorn": "uvicorn CLI --workers"}[args.multiworker]
-    print(f"uvicorn --loop {loop} --http {http} (uvloop/httptools "
-          f"{'used where installed' if 'uvloop' in loop or 'httptools' in http else 'not installed'}); "
-          f"workers {','.join(map(str, args.workers))}: 1 via the uvicorn CLI, more via {multi}")
+    print(f"{args.kind.describe()}; workers {','.join(map(str, args.workers))}: 1 via the uvicorn CLI, more via {multi}")
     print(f"throughput: {'wrk -t1' if args.loader == 'wrk' else 'built-in asyncio client (separate process)'}, "
           f"{args.connections} keep-alive connections, {args.rounds} rounds x {args.duration} s per target; "
           f"latency: built-in open-loop generator at {fmt(args.rate)} req/s, {args.latency_connections} connections, "
           f"{args.latency_rounds} rounds x {args.latency_duration:g} s per target")
 
     redises = {name: start_redis(procs, tmp, name) for name in ("leases-on", "leases-off")}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # The servers import the middleware Python finds first: PYTHONPATH's, else this tree's editable
+    # install (they run in the scratch directory, so that no tree's working directory comes first).
+    env = dict(os.environ)
     env.pop("QUOTA_LOCAL_LEASES", None)
     phases = []
     for workers in args.workers:
@@ -920,18 +505,9 @@ def run(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
     report_summary(phases, args)
     print(f"\n(run took {time.monotonic() - started:.0f} s)")
     for r in redises.values():
-        r.client.close()
+        r.close()
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "_load":
-        asyncio.run(_load(json.loads(sys.argv[2])))
-        sys.exit(0)
-    if len(sys.argv) == 3 and sys.argv[1] == "_fixed":
-        asyncio.run(_fixed(json.loads(sys.argv[2])))
-        sys.exit(0)
-    if len(sys.argv) == 3 and sys.argv[1] == "_serve":
-        _serve(json.loads(sys.argv[2]))
-        sys.exit(0)
     sys.exit(main())
