@@ -1,64 +1,56 @@
-"""Throughput and added latency of QuotaMiddleware: bare app, guarded route (local leases on and
-off), unguarded route, and a minimal counting middleware for calibration, side by side, at 1 and
-2 uvicorn workers, in one run.
+"""Throughput, worker CPU per request and added latency of QuotaMiddleware behind a real uvicorn,
+against the bare app, a null pass-through middleware and a minimal counting middleware, side by
+side in one run.
 
-One run starts two redis-servers on free loopback ports (one per guarded server, so that each
-server's Redis commands are counted apart), and then, for each worker count of ``--workers``
-(default ``1,2``), serves ``bench/apps.py`` with four uvicorn servers:
+    .venv/bin/python bench/throughput.py                          # 1 worker, ~2.5 min
+    .venv/bin/python bench/throughput.py --server h11             # asyncio + h11 instead
+    .venv/bin/python bench/throughput.py --targets memory --rounds 3 --duration 2 --latency-rounds 0
 
-    bare        bare_app                                 no Redis
-    minimal     minimal_app                              a dict in process (calibration)
-    leases-on   guarded_app, QUOTA_LOCAL_LEASES=1         RedisStore + LeasingStore (local leases)
-    leases-off  guarded_app, QUOTA_LOCAL_LEASES=0         RedisStore only (batched script calls)
+Servers (``bench/apps.py``, one uvicorn each, ``--workers`` processes; uvloop + httptools by
+default, what ``uvicorn[standard]`` runs in production; ``--server h11`` for asyncio + h11):
 
-and measures six targets:
+    bare        bare_app          the Starlette app: parse the JSON body, answer 201
+    null        null_app          the app behind a pure ASGI pass-through
+    minimal     minimal_app       the app behind a dict counter, a limit check and one header
+    memory      memory_app        QuotaMiddleware, the embedded default store (MemoryStore)
+    leases-on   guarded_app       QuotaMiddleware, RedisStore + local leases (QUOTA_LOCAL_LEASES=1)
+    leases-off  guarded_app       QuotaMiddleware, RedisStore only, batched script calls
 
-    bare         POST /v1/secrets on bare                 baseline of the guarded targets
-    minimal      POST /v1/secrets on minimal              the most any middleware reaches here
-    leases-on    POST /v1/secrets on leases-on            goal >= 0.90x bare
-    leases-off   POST /v1/secrets on leases-off           goal >= 0.75x bare
-    bare-health  GET  /health     on bare                 baseline of unguarded
-    unguarded    GET  /health     on leases-off           no rule matches; goal >= 0.97x bare-health
-
-in two phases, each in interleaved rounds whose order rotates, so that a noisy machine hits every
+and targets, loaded in interleaved rounds whose order rotates, so that a noisy machine hits every
 target alike:
 
+    bare         POST /v1/secrets on bare        the baseline
+    null         POST /v1/secrets on null        what being wrapped at all costs
+    minimal      POST /v1/secrets on minimal     calibration: about the most a quota middleware reaches
+    memory       POST /v1/secrets on memory
+    leases-on    POST /v1/secrets on leases-on   goal >= 0.90x bare
+    leases-off   POST /v1/secrets on leases-off  goal >= 0.75x bare
+    bare-health  GET  /health     on bare        baseline of unguarded
+    unguarded    GET  /health     on leases-off  no rule matches; goal >= 0.97x bare-health
+
+Phases, per worker count of ``--workers``:
+
 1. throughput: ``wrk -t1 -c32`` (closed loop, saturating) for ``--duration`` s per target and
-   round: median req/s, the ratio of medians to the baseline and the median of per-round ratios
-   (paired), and the server's CPU time per request (user+sys of its processes, from /proc);
-2. latency at a fixed, moderate rate (``--rate``, default 500 req/s: open loop, well below what
-   the bare app serves): a built-in asyncio generator in its own process sends on a fixed
-   schedule over ``--latency-connections`` keep-alive connections and times every request from
-   its *scheduled* send time (so a stalled server is not hidden by the generator waiting for it);
-   p50 / p99 per target and the latency added versus the baseline.
+   round. Per target: median req/s; the worker's CPU per answered request (user + system of the
+   server's process group, from /proc); the ratio to the baseline (of the medians, and the median
+   of the per-round ratios: ``paired``); the paired ratio to ``minimal``; the paired difference of
+   worker CPU to the baseline (``+CPU``: what the middleware costs the worker per request);
+2. latency at a fixed, moderate rate (``--rate``): the built-in open-loop generator times every
+   request from its *scheduled* send time; p50 / p99 and the latency added versus the baseline.
 
 Redis commands and script calls per guarded request come from ``INFO commandstats`` of each
-guarded server's own redis-server, over each phase (warm-up included, after the last local-lease
-block was settled), divided by the 201 answers of that phase.
-
-With more than one worker the servers are N forked ``uvicorn.Server`` processes sharing one
-listening socket, made with proto=IPPROTO_TCP. Plain ``uvicorn --workers N``
-(``--multiworker uvicorn``) binds its socket with proto 0, so asyncio never sets TCP_NODELAY on
-accepted connections and, with h11, every keep-alive request waits ~40 ms for a delayed ACK
-(uvicorn issue #3149): every target then measures ~700 req/s, whatever the middleware does.
-
-Throughput load comes from ``wrk`` when it is installed (``apt-get install wrk``), otherwise from
-a small asyncio HTTP/1.1 keep-alive client in a subprocess (``--loader python``); it is slower, so
-on a small machine it takes CPU from the server and lowers every number alike.
-
-    .venv/bin/python bench/throughput.py [--workers 1,2] [--rounds N] [--duration S] [--rate R]
-
-The plumbing (processes, redis-server, uvicorn, load generators, /proc) is bench/harness/.
+guarded server's own redis-server, over each phase, divided by the 201 answers of that phase.
+Load comes from ``wrk`` when installed, else from the built-in closed-loop client
+(``--loader python``; much more CPU). The plumbing (processes, redis-server, uvicorn, load
+generators, /proc) is bench/harness/. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -83,9 +75,14 @@ from harness import (
     fixed_rate_command,
     fmt,
     group_cpu,
+    median,
+    paired_difference,
+    paired_ratio,
     percentile,
+    ratio_of_medians,
     run_load,
     serve_and_wait,
+    server_kind,
     start_redis,
     stats_delta,
     workspace,
@@ -93,9 +90,9 @@ from harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 #: LeasingStore's default block_seconds plus a margin: after this, every block of a phase is settled.
 SETTLE_WAIT = 1.4
+CALIBRATION = "minimal"
 
 
 @dataclass
@@ -103,7 +100,7 @@ class Server:
     name: str
     app: str
     env: dict[str, str]
-    redis: str | None = None  # the name of its redis-server (guarded servers only)
+    redis: str | None = None  # the name of its redis-server (guarded servers on Redis only)
     port: int = 0
     proc: subprocess.Popen[Any] | None = None
 
@@ -114,9 +111,9 @@ class Target:
     server: str
     route: Route
     baseline: str | None = None  # the target this one is compared with
-    goal: float | None = None  # minimum ratio to the baseline the issue asks for
+    goal: float | None = None  # minimum ratio to the baseline the project asks for
     rps: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)  # server CPU (user+sys) per answered request
+    cpu_us: list[float] = field(default_factory=list)  # worker CPU (user+sys) per answered request
     requests: int = 0
     warm_requests: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -127,22 +124,22 @@ class Target:
     latency_errors: Counter[str] = field(default_factory=Counter)
 
 
-def make_servers(redis_urls: dict[str, str]) -> list[Server]:
-    return [
-        Server("bare", "bare_app", {}),
-        Server("minimal", "minimal_app", {}),
-        Server("leases-on", "guarded_app", {"QUOTA_LOCAL_LEASES": "1", "REDIS_URL": redis_urls["leases-on"]},
-               redis="leases-on"),
-        Server("leases-off", "guarded_app", {"QUOTA_LOCAL_LEASES": "0", "REDIS_URL": redis_urls["leases-off"]},
-               redis="leases-off"),
-    ]
+SERVERS = {
+    "bare": Server("bare", "bare_app", {}),
+    "null": Server("null", "null_app", {}),
+    "minimal": Server("minimal", "minimal_app", {}),
+    "memory": Server("memory", "memory_app", {}),
+    "leases-on": Server("leases-on", "guarded_app", {"QUOTA_LOCAL_LEASES": "1"}, redis="leases-on"),
+    "leases-off": Server("leases-off", "guarded_app", {"QUOTA_LOCAL_LEASES": "0"}, redis="leases-off"),
+}
 
 
-def make_targets() -> list[Target]:
+def all_targets() -> list[Target]:
     return [
         Target("bare", "bare", CREATE),
-        # Calibration: the least any quota middleware does, in process (bench/apps.py).
-        Target("minimal", "minimal", CREATE, baseline="bare"),
+        Target("null", "null", CREATE, baseline="bare"),
+        Target(CALIBRATION, "minimal", CREATE, baseline="bare"),
+        Target("memory", "memory", CREATE, baseline="bare"),
         Target("leases-on", "leases-on", CREATE, baseline="bare", goal=0.90),
         Target("leases-off", "leases-off", CREATE, baseline="bare", goal=0.75),
         Target("bare-health", "bare", HEALTH),
@@ -150,11 +147,24 @@ def make_targets() -> list[Target]:
     ]
 
 
+TARGET_NAMES = [t.name for t in all_targets()]
+
+
+def make_targets(chosen: list[str]) -> list[Target]:
+    """The chosen targets, with their baselines and the calibration target, in the usual order."""
+    wanted = set(chosen)
+    every = {t.name: t for t in all_targets()}
+    for name in chosen:
+        baseline = every[name].baseline
+        if baseline:
+            wanted.update((baseline, CALIBRATION))
+    return [t for t in all_targets() if t.name in wanted]
+
+
 # -- the run --------------------------------------------------------------------------------------
 
 def record(target: Target, result: dict[str, Any], cpu: float | None) -> float:
-    statuses: Counter[str] = result["statuses"]
-    ok = statuses.get(str(target.route.expected), 0)
+    ok = result["statuses"].get(str(target.route.expected), 0)
     rps = ok / result["seconds"]
     target.rps.append(rps)
     if cpu is not None and ok:
@@ -180,31 +190,33 @@ class Phase:
     other_redis: int  # Redis commands sent while the unguarded target was loaded
     committed: dict[str, tuple[int, int]]  # server -> (usage committed in Redis, 201 answers incl. warm-up)
 
-    def target(self, name: str) -> Target:
-        return next(t for t in self.targets if t.name == name)
+    def target(self, name: str) -> Target | None:
+        return next((t for t in self.targets if t.name == name), None)
 
 
 def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, redises: dict[str, RedisServer],
               env: dict[str, str]) -> Phase:
     for r in redises.values():
         r.client.flushall()
-    servers = {s.name: s for s in make_servers({name: r.url for name, r in redises.items()})}
+    targets = make_targets(args.targets)
+    servers = {name: Server(**{**SERVERS[name].__dict__}) for name in dict.fromkeys(t.server for t in targets)}
     try:
         for s in servers.values():
-            s.proc, s.port = serve_and_wait(procs, s.app, app_dir=HERE, kind=args.kind, env={**env, **s.env},
-                                            cwd=tmp, workers=workers, multiworker=args.multiworker)
-        return measure(procs, tmp, args, workers, servers, redises)
+            extra = {"REDIS_URL": redises[s.redis].url} if s.redis else {}
+            s.proc, s.port = serve_and_wait(procs, s.app, app_dir=HERE, kind=args.kind,
+                                            env={**env, **s.env, **extra}, cwd=tmp, workers=workers,
+                                            multiworker=args.multiworker)
+        return measure(procs, tmp, args, workers, targets, servers, redises)
     finally:
         for s in servers.values():
             if s.proc is not None:
                 procs.stop(s.proc)
 
 
-def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, servers: dict[str, Server],
-            redises: dict[str, RedisServer]) -> Phase:
-    targets = make_targets()
-    guarded = {t.server: t for t in targets if t.server in redises and t.route == CREATE}
-    meters = {name: RedisMeter(r) for name, r in redises.items()}
+def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, targets: list[Target],
+            servers: dict[str, Server], redises: dict[str, RedisServer]) -> Phase:
+    guarded = {t.server: t for t in targets if SERVERS[t.server].redis and t.route == CREATE}
+    meters = {name: RedisMeter(redises[name]) for name in guarded}
     print(f"\n== {workers} worker{'s' if workers > 1 else ''} per server: ports "
           + ", ".join(f"{s.name} {s.port}" for s in servers.values()), flush=True)
 
@@ -226,7 +238,7 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, ser
         for t in order:
             server = servers[t.server]
             assert server.proc is not None
-            watch = redises.get(t.server) if t.name == "unguarded" else None
+            watch = redises.get(server.redis) if t.name == "unguarded" and server.redis else None
             before = commandstats(watch.client) if watch else None
             cpu_before = group_cpu(server.proc.pid)
             result = throughput_round(t, args.duration)
@@ -237,8 +249,10 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, ser
                 other_redis += sum(v for k, v in stats_delta(before, commandstats(watch.client)).items()
                                    if not k.endswith(":usec"))
             cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-            line.append(f"{t.name} {fmt(record(t, result, cpu))}")
-        print(f"  throughput round {r + 1}/{args.rounds}: " + ", ".join(line) + " req/s", flush=True)
+            rps = record(t, result, cpu)
+            line.append(f"{t.name} {fmt(rps)}" + (f"/{t.cpu_us[-1]:.0f}us" if t.cpu_us else ""))
+        print(f"  throughput round {r + 1}/{args.rounds} (req/s / worker CPU per request): " + ", ".join(line),
+              flush=True)
 
     time.sleep(SETTLE_WAIT)  # the last local-lease blocks close and settle
     redis_phases: dict[str, dict[str, RedisPhase]] = {
@@ -271,12 +285,29 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, ser
 
 # -- the report -----------------------------------------------------------------------------------
 
-def ratios(phase: Phase, t: Target) -> tuple[float, float] | None:
-    if not t.baseline:
-        return None
-    base = phase.target(t.baseline)
-    return (statistics.median(t.rps) / statistics.median(base.rps),
-            statistics.median(a / b for a, b in zip(t.rps, base.rps)))
+@dataclass
+class Row:
+    """One target's throughput figures against its baseline and the calibration target."""
+
+    rps: float
+    cpu: float  # worker CPU us per request (median over rounds)
+    ratio: float | None = None  # ratio of medians to the baseline
+    paired: float | None = None  # median of per-round ratios to the baseline
+    added_cpu: float | None = None  # median of per-round worker CPU differences to the baseline
+    vs_minimal: float | None = None  # median of per-round ratios to minimal
+
+
+def row(phase: Phase, t: Target) -> Row:
+    out = Row(median(t.rps), median(t.cpu_us))
+    base = phase.target(t.baseline) if t.baseline else None
+    if base is not None:
+        out.ratio, out.paired = ratio_of_medians(t.rps, base.rps), paired_ratio(t.rps, base.rps)
+        if t.cpu_us and base.cpu_us:
+            out.added_cpu = paired_difference(t.cpu_us, base.cpu_us)
+    calibration = phase.target(CALIBRATION)
+    if calibration is not None and t.route == calibration.route and t is not calibration:
+        out.vs_minimal = paired_ratio(t.rps, calibration.rps)
+    return out
 
 
 def met(goal: float, ratio: float, paired: float) -> str:
@@ -287,6 +318,10 @@ def met(goal: float, ratio: float, paired: float) -> str:
     return "~"  # one of the two ratios meets the goal
 
 
+def opt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
 def load_label(load: str, args: argparse.Namespace) -> str:
     if load == "saturated":
         return f"saturated ({'wrk' if args.loader == 'wrk' else 'python'} -c{args.connections})"
@@ -295,24 +330,23 @@ def load_label(load: str, args: argparse.Namespace) -> str:
 
 def report_phase(phase: Phase, args: argparse.Namespace) -> None:
     w = phase.workers
-    print(f"\n-- {w} worker{'s' if w > 1 else ''}: throughput (req/s over {args.rounds} rounds x {args.duration} s) --")
-    print(f"{'target':<12} {'route':<17} {'server':<11} {'median':>7} {'min':>7} {'max':>7} {'vs':<12} "
-          f"{'ratio':>6} {'paired':>6} {'goal':>7} {'met':>4} {'CPU us/req':>10}  errors")
+    print(f"\n-- {w} worker{'s' if w > 1 else ''}: throughput (req/s over {args.rounds} rounds x {args.duration} s; "
+          f"worker CPU us per request; ratios to the baseline: of the medians, and paired per round) --")
+    print(f"{'target':<12} {'route':<17} {'median':>7} {'min':>7} {'max':>7} {'CPU us':>7} {'+CPU':>6} "
+          f"{'vs':<12} {'ratio':>6} {'paired':>6} {'/minimal':>8} {'goal':>6} {'met':>4}  errors")
     for t in phase.targets:
-        ratio = paired = goal = ok = vs = ""
-        r = ratios(phase, t)
-        if r is not None:
-            vs, ratio, paired = t.baseline or "", f"{r[0]:.2f}x", f"{r[1]:.2f}x"
-        if r is not None and t.goal is not None:
-            goal, ok = f">={t.goal:.2f}", met(t.goal, *r)
+        r = row(phase, t)
+        goal = ok = ""
+        if t.goal is not None and r.ratio is not None and r.paired is not None:
+            goal, ok = f">={t.goal:.2f}", met(t.goal, r.ratio, r.paired)
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(t.errors.items())) or "0"
-        cpu = f"{statistics.median(t.cpu_us):.0f}" if t.cpu_us else "n/a"
-        print(f"{t.name:<12} {str(t.route):<17} {t.server:<11} {fmt(statistics.median(t.rps)):>7} {fmt(min(t.rps)):>7} "
-              f"{fmt(max(t.rps)):>7} {vs:<12} {ratio:>6} {paired:>6} {goal:>7} {ok:>4} {cpu:>10}  {errors}")
-
+        print(f"{t.name:<12} {str(t.route):<17} {fmt(r.rps):>7} {fmt(min(t.rps)):>7} {fmt(max(t.rps)):>7} "
+              f"{r.cpu:>7.1f} {opt(r.added_cpu, '+6.1f'):>6} {t.baseline or '':<12} {opt(r.ratio, '.2f', 'x'):>6} "
+              f"{opt(r.paired, '.2f', 'x'):>6} {opt(r.vs_minimal, '.2f', 'x'):>8} {goal:>6} {ok:>4}  {errors}")
     if args.latency_rounds:
         report_latency(phase, args)
-    report_redis(phase, args)
+    if phase.redis:
+        report_redis(phase, args)
 
 
 def report_latency(phase: Phase, args: argparse.Namespace) -> None:
@@ -326,16 +360,16 @@ def report_latency(phase: Phase, args: argparse.Namespace) -> None:
         lat = t.latency_us
         p50, p90, p99 = (percentile(lat, q) / 1000 for q in (50, 90, 99))
         vs = add50 = add99 = ""
-        if t.baseline:
-            base = phase.target(t.baseline).latency_us
-            vs = t.baseline
-            add50 = f"{p50 - percentile(base, 50) / 1000:+.2f}"
-            add99 = f"{p99 - percentile(base, 99) / 1000:+.2f}"
+        base = phase.target(t.baseline) if t.baseline else None
+        if base is not None:
+            vs = base.name
+            add50 = f"{p50 - percentile(base.latency_us, 50) / 1000:+.2f}"
+            add99 = f"{p99 - percentile(base.latency_us, 99) / 1000:+.2f}"
         lag = f"{percentile(t.lag_us, 50) / 1000:.2f}/{percentile(t.lag_us, 99) / 1000:.2f}"
         rate = t.latency_requests / t.latency_seconds if t.latency_seconds else 0.0
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(t.latency_errors.items())) or "0"
-        print(f"{t.name:<12} {str(t.route):<17} {t.latency_requests:>8,} {rate:>6.0f} {p50:>6.2f} {p90:>6.2f} {p99:>6.2f} "
-              f"{max(lat, default=0) / 1000:>7.2f} {vs:<12} {add50:>6} {add99:>6}  {lag:>15}  {errors}")
+        print(f"{t.name:<12} {str(t.route):<17} {t.latency_requests:>8,} {rate:>6.0f} {p50:>6.2f} {p90:>6.2f} "
+              f"{p99:>6.2f} {max(lat, default=0) / 1000:>7.2f} {vs:<12} {add50:>6} {add99:>6}  {lag:>15}  {errors}")
 
 
 def report_redis(phase: Phase, args: argparse.Namespace) -> None:
@@ -347,82 +381,68 @@ def report_redis(phase: Phase, args: argparse.Namespace) -> None:
     for name, by_load in phase.redis.items():
         for load, rp in by_load.items():
             n = max(rp.requests, 1)
-            label = load_label(load, args)
             usec = rp.delta["evalsha:usec"] + rp.delta["eval:usec"]
             cpu = f"{rp.cpu * 1e6 / n:.1f}" if rp.cpu is not None else "n/a"
             per_script = f"{rp.requests / rp.scripts:.1f}" if rp.scripts else "-"
             by_command = ", ".join(f"{k} {v / n:.3f}" for k, v in sorted(rp.delta.items()) if not k.endswith(":usec"))
-            print(f"{name:<12} {label:<22} {rp.requests:>9,} {rp.commands / n:>8.3f} {rp.scripts / n:>11.4f} "
-                  f"{per_script:>10} {usec / n:>13.2f} {cpu:>16}  {by_command}")
+            print(f"{name:<12} {load_label(load, args):<22} {rp.requests:>9,} {rp.commands / n:>8.3f} "
+                  f"{rp.scripts / n:>11.4f} {per_script:>10} {usec / n:>13.2f} {cpu:>16}  {by_command}")
     checks = "; ".join(f"{name}: {used:,} committed / {answered:,} answered 201"
                        for name, (used, answered) in phase.committed.items())
-    print(f"Redis commands while 'unguarded' was loaded: {phase.other_redis}. Usage in Redis after the phase: {checks} "
-          f"(a few requests in flight when a load generator stopped are committed but not counted as answered)")
+    if phase.target("unguarded") is not None:
+        print(f"Redis commands while 'unguarded' was loaded: {phase.other_redis}.", end=" ")
+    print(f"Usage in Redis after the phase: {checks} (a few requests in flight when a load generator stopped "
+          f"are committed but not counted as answered)")
 
 
 def report_summary(phases: list[Phase], args: argparse.Namespace) -> None:
     cols = [f"{p.workers} worker{'s' if p.workers > 1 else ''}" for p in phases]
-    print("\n== Summary, side by side ==")
-    print(f"Throughput: median req/s over {args.rounds} rounds x {args.duration} s; ratio of medians / median of "
-          f"per-round (paired) ratios to the baseline")
-    head = f"{'target':<12} {'route':<17} {'baseline':<12}"
+    print("\n== Summary ==")
+    print(f"{args.kind.describe()}; median req/s and worker CPU us/request over {args.rounds} rounds x "
+          f"{args.duration} s; ratio to the baseline (of the medians / paired), paired ratio to {CALIBRATION}")
+    head = f"{'target':<12} {'baseline':<12}"
     for c in cols:
-        head += f" | {c + ' req/s':>15} {'ratio':>6} {'paired':>6} {'met':>4}"
+        head += f" | {c + ' req/s':>15} {'CPU us':>7} {'+CPU':>6} {'ratio':>6} {'paired':>6} {'/minimal':>8} {'met':>4}"
     print(head + " | goal")
     for t0 in phases[0].targets:
-        row = f"{t0.name:<12} {str(t0.route):<17} {t0.baseline or '':<12}"
+        line = f"{t0.name:<12} {t0.baseline or '':<12}"
         for p in phases:
             t = p.target(t0.name)
-            r = ratios(p, t)
-            if r is None:
-                row += f" | {fmt(statistics.median(t.rps)):>15} {'':>6} {'':>6} {'':>4}"
-            else:
-                ok = met(t.goal, *r) if t.goal is not None else ""
-                row += f" | {fmt(statistics.median(t.rps)):>15} {r[0]:>5.2f}x {r[1]:>5.2f}x {ok:>4}"
-        print(row + (f" | >= {t0.goal:.2f}x {t0.baseline}" if t0.goal else
-                     " | (calibration: no middleware can do less)" if t0.name == "minimal" else " |"))
-
+            assert t is not None
+            r = row(p, t)
+            ok = met(t.goal, r.ratio, r.paired) if t.goal is not None and r.ratio and r.paired else ""
+            line += (f" | {fmt(r.rps):>15} {r.cpu:>7.1f} {opt(r.added_cpu, '+6.1f'):>6} {opt(r.ratio, '.2f', 'x'):>6} "
+                     f"{opt(r.paired, '.2f', 'x'):>6} {opt(r.vs_minimal, '.2f', 'x'):>8} {ok:>4}")
+        print(line + (f" | >= {t0.goal:.2f}x {t0.baseline}" if t0.goal else
+                      " | (calibration)" if t0.name == CALIBRATION else " |"))
     if args.latency_rounds:
-        summary_latency(phases, args, cols)
-    summary_redis(phases, args, cols)
-
-
-def summary_latency(phases: list[Phase], args: argparse.Namespace, cols: list[str]) -> None:
-    print(f"\nAdded latency at {fmt(args.rate)} req/s (open loop): p50 and p99 in ms, "
-          f"and the difference to the baseline")
-    head = f"{'target':<12} {'route':<17} {'baseline':<12}"
-    for c in cols:
-        head += f" | {c + ' p50':>13} {'p99':>6} {'+p50':>6} {'+p99':>6}"
-    print(head)
-    for t0 in phases[0].targets:
-        row = f"{t0.name:<12} {str(t0.route):<17} {t0.baseline or '':<12}"
-        for p in phases:
-            t = p.target(t0.name)
-            p50, p99 = percentile(t.latency_us, 50) / 1000, percentile(t.latency_us, 99) / 1000
-            if t.baseline:
-                base = p.target(t.baseline).latency_us
-                add = (f"{p50 - percentile(base, 50) / 1000:>+6.2f} {p99 - percentile(base, 99) / 1000:>+6.2f}")
-            else:
-                add = f"{'':>6} {'':>6}"
-            row += f" | {p50:>13.2f} {p99:>6.2f} {add}"
-        print(row)
-
-
-def summary_redis(phases: list[Phase], args: argparse.Namespace, cols: list[str]) -> None:
-    print("\nRedis per guarded request: commands (incl. those run inside the Lua script) / script calls (EVALSHA)")
-    head = f"{'target':<12} {'load':<22}"
-    for c in cols:
-        head += f" | {c + ' cmds/req':>18} {'scripts/req':>11}"
-    print(head)
-    for name in phases[0].redis:
-        for load in phases[0].redis[name]:
-            label = load_label(load, args)
-            row = f"{name:<12} {label:<22}"
+        print(f"\nAdded latency at {fmt(args.rate)} req/s (open loop): p50 and p99 in ms, and the difference to the "
+              f"baseline")
+        head = f"{'target':<12} {'baseline':<12}"
+        for c in cols:
+            head += f" | {c + ' p50':>13} {'p99':>6} {'+p50':>6} {'+p99':>6}"
+        print(head)
+        for t0 in phases[0].targets:
+            line = f"{t0.name:<12} {t0.baseline or '':<12}"
             for p in phases:
-                rp = p.redis[name][load]
-                n = max(rp.requests, 1)
-                row += f" | {rp.commands / n:>18.3f} {rp.scripts / n:>11.4f}"
-            print(row)
+                t = p.target(t0.name)
+                assert t is not None
+                p50, p99 = percentile(t.latency_us, 50) / 1000, percentile(t.latency_us, 99) / 1000
+                base = p.target(t.baseline) if t.baseline else None
+                add = f"{'':>6} {'':>6}"
+                if base is not None:
+                    b50, b99 = percentile(base.latency_us, 50) / 1000, percentile(base.latency_us, 99) / 1000
+                    add = f"{p50 - b50:>+6.2f} {p99 - b99:>+6.2f}"
+                line += f" | {p50:>13.2f} {p99:>6.2f} {add}"
+            print(line)
+
+
+def parse_list(text: str, allowed: list[str] | None = None) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items or (allowed is not None and any(i not in allowed for i in items)):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list from {', '.join(allowed or [])}; "
+                                         f"got {text!r}")
+    return items
 
 
 def parse_workers(text: str) -> list[int]:
@@ -437,15 +457,23 @@ def parse_workers(text: str) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=parse_workers, default=[1, 2],
-                        help="uvicorn worker processes per server, one phase per count (1,2)")
+    parser.add_argument("--server", choices=sorted(SERVER_KINDS), default="httptools",
+                        help="uvicorn with uvloop + httptools, as uvicorn[standard] runs in production (httptools), "
+                             "or with asyncio + h11 (h11)")
+    parser.add_argument("--targets", type=lambda s: parse_list(s, TARGET_NAMES), default=TARGET_NAMES,
+                        help="comma-separated targets (all); their baselines and minimal are added")
+    parser.add_argument("--limit", type=int, default=-1,
+                        help="every project's limit on the guarded servers (-1: unlimited, no RateLimit headers; "
+                             "a large number: never reached, RateLimit headers sent)")
+    parser.add_argument("--workers", type=parse_workers, default=[1],
+                        help="uvicorn worker processes per server, one phase per count (1; e.g. 1,2)")
     parser.add_argument("--connections", type=int, default=32, help="throughput: keep-alive connections (32)")
-    parser.add_argument("--duration", type=int, default=2, help="throughput: seconds per round and target (2)")
-    parser.add_argument("--rounds", type=int, default=6, help="throughput: rounds; each loads every target once (6)")
+    parser.add_argument("--duration", type=int, default=3, help="throughput: seconds per round and target (3)")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput: rounds; each loads every target once (5)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per target first (1)")
     parser.add_argument("--rate", type=float, default=500.0, help="latency: requests per second, fixed (500)")
-    parser.add_argument("--latency-duration", type=float, default=3.0, help="latency: seconds per round and target (3)")
-    parser.add_argument("--latency-rounds", type=int, default=2, help="latency: rounds (2); 0 skips the latency phase")
+    parser.add_argument("--latency-duration", type=float, default=2.0, help="latency: seconds per round and target (2)")
+    parser.add_argument("--latency-rounds", type=int, default=1, help="latency: rounds (1); 0 skips the latency phase")
     parser.add_argument("--latency-connections", type=int, default=8, help="latency: keep-alive connections (8)")
     parser.add_argument("--multiworker", choices=["prefork", "prefork-shared", "uvicorn"], default="prefork",
                         help="with more than one worker: fork N uvicorn servers, each on its own SO_REUSEPORT "
@@ -463,9 +491,7 @@ def main() -> int:
         args.loader = "wrk" if shutil.which("wrk") else "python"
     elif args.loader == "wrk" and not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk); use --loader python")
-    # uvloop and httptools where installed (uvicorn[standard], the bench extra), as uvicorn itself picks.
-    standard = all(importlib.util.find_spec(m) for m in ("uvloop", "httptools"))
-    args.kind = SERVER_KINDS["httptools" if standard else "h11"]
+    args.kind = server_kind(args.server)
 
     def terminated(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -486,16 +512,18 @@ def run(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
     multi = {"prefork": "prefork launcher (uvicorn.Server per worker, each on its own SO_REUSEPORT socket)",
              "prefork-shared": "prefork launcher (uvicorn.Server per worker, one shared socket)",
              "uvicorn": "uvicorn CLI --workers"}[args.multiworker]
-    print(f"{args.kind.describe()}; workers {','.join(map(str, args.workers))}: 1 via the uvicorn CLI, more via {multi}")
+    print(f"{args.kind.describe()}; workers {','.join(map(str, args.workers))}: 1 via the uvicorn CLI, more via "
+          f"{multi}; guarded limit {args.limit}")
     print(f"throughput: {'wrk -t1' if args.loader == 'wrk' else 'built-in asyncio client (separate process)'}, "
           f"{args.connections} keep-alive connections, {args.rounds} rounds x {args.duration} s per target; "
           f"latency: built-in open-loop generator at {fmt(args.rate)} req/s, {args.latency_connections} connections, "
           f"{args.latency_rounds} rounds x {args.latency_duration:g} s per target")
 
-    redises = {name: start_redis(procs, tmp, name) for name in ("leases-on", "leases-off")}
+    needed = {SERVERS[t.server].redis for t in make_targets(args.targets)} - {None}
+    redises = {name: start_redis(procs, tmp, name) for name in sorted(n for n in needed if n)}
     # The servers import the middleware Python finds first: PYTHONPATH's, else this tree's editable
     # install (they run in the scratch directory, so that no tree's working directory comes first).
-    env = dict(os.environ)
+    env = {**os.environ, "QUOTA_LIMIT": str(args.limit)}
     env.pop("QUOTA_LOCAL_LEASES", None)
     phases = []
     for workers in args.workers:

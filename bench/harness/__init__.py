@@ -45,6 +45,7 @@ __all__ = [
     "RedisServer", "Route", "ServerKind", "closed_loop_command", "commandstats", "count_errors", "environment",
     "fixed_rate_command", "fmt", "free_port", "git_state", "group_cpu", "group_pids", "median",
     "middleware_origin", "paired_difference", "paired_ratio", "percentile", "ratio_of_medians", "request_bytes",
-    "run_load", "serve_and_wait", "server_kind", "start_redis", "start_uvicorn", "stats_delta", "wait_http", "wrk_command",
+    "run_load", "serve_and_wait", "server_kind", "start_redis", "start_uvicorn", "stats_delta", "wait_http",
+    "wrk_command",
     "workspace",
 ]
