@@ -29,7 +29,7 @@ import os
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -40,7 +40,10 @@ MINIMAL_LIMIT = 10**12
 
 def build_app() -> Starlette:
     async def create_secret(request: Request) -> Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ClientDisconnect:  # a load generator that stops closes its connections mid-request
+            return Response(status_code=499)
         return JSONResponse({"secret_ref": SECRET_REF, "name": body.get("name")}, status_code=201)
 
     async def health(request: Request) -> Response:
