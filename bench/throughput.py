@@ -79,6 +79,7 @@ from harness import (
     paired_difference,
     paired_ratio,
     percentile,
+    pinned,
     ratio_of_medians,
     run_load,
     serve_and_wait,
@@ -194,6 +195,13 @@ class Phase:
         return next((t for t in self.targets if t.name == name), None)
 
 
+def cpus(args: argparse.Namespace, workers: int) -> tuple[int | None, int | None]:
+    """(the servers' CPU, the load generators' CPU) with --pin and one worker; else (None, None)."""
+    if args.pin and workers == 1 and (os.cpu_count() or 1) >= 2:
+        return 0, 1
+    return None, None
+
+
 def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, redises: dict[str, RedisServer],
               env: dict[str, str]) -> Phase:
     for r in redises.values():
@@ -205,7 +213,7 @@ def run_phase(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, r
             extra = {"REDIS_URL": redises[s.redis].url} if s.redis else {}
             s.proc, s.port = serve_and_wait(procs, s.app, app_dir=HERE, kind=args.kind,
                                             env={**env, **s.env, **extra}, cwd=tmp, workers=workers,
-                                            multiworker=args.multiworker)
+                                            multiworker=args.multiworker, cpu=cpus(args, workers)[0])
         return measure(procs, tmp, args, workers, targets, servers, redises)
     finally:
         for s in servers.values():
@@ -217,14 +225,18 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, tar
             servers: dict[str, Server], redises: dict[str, RedisServer]) -> Phase:
     guarded = {t.server: t for t in targets if SERVERS[t.server].redis and t.route == CREATE}
     meters = {name: RedisMeter(redises[name]) for name in guarded}
-    print(f"\n== {workers} worker{'s' if workers > 1 else ''} per server: ports "
+    server_cpu, load_cpu = cpus(args, workers)
+    pins = "" if server_cpu is None else f"; servers on CPU {server_cpu}, load generators on CPU {load_cpu}"
+    print(f"\n== {workers} worker{'s' if workers > 1 else ''} per server{pins}: ports "
           + ", ".join(f"{s.name} {s.port}" for s in servers.values()), flush=True)
 
     def throughput_round(t: Target, duration: int) -> dict[str, Any]:
         port = servers[t.server].port
         if args.loader == "wrk":
-            return run_load(procs, wrk_command(t.route, port, args.connections, duration, tmp), duration)
-        return run_load(procs, closed_loop_command(t.route, port, args.connections, duration), duration)
+            argv = wrk_command(t.route, port, args.connections, duration, tmp)
+        else:
+            argv = closed_loop_command(t.route, port, args.connections, duration)
+        return run_load(procs, pinned(argv, load_cpu), duration)
 
     if args.warmup:
         for t in targets:
@@ -264,7 +276,7 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, tar
         for t in order:
             argv = fixed_rate_command(t.route, servers[t.server].port, args.rate, args.latency_connections,
                                       args.latency_duration)
-            result = run_load(procs, argv, args.latency_duration)
+            result = run_load(procs, pinned(argv, load_cpu), args.latency_duration)
             record_latency(t, result)
             line.append(f"{t.name} {percentile(result['latency_us'], 50) / 1000:.2f}/"
                         f"{percentile(result['latency_us'], 99) / 1000:.2f}")
@@ -475,6 +487,9 @@ def main() -> int:
     parser.add_argument("--latency-duration", type=float, default=2.0, help="latency: seconds per round and target (2)")
     parser.add_argument("--latency-rounds", type=int, default=1, help="latency: rounds (1); 0 skips the latency phase")
     parser.add_argument("--latency-connections", type=int, default=8, help="latency: keep-alive connections (8)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="with one worker: the servers on CPU 0, wrk, the latency generator and redis-server on "
+                             "CPU 1 (taskset), so that the worker is never preempted by its own load (on)")
     parser.add_argument("--multiworker", choices=["prefork", "prefork-shared", "uvicorn"], default="prefork",
                         help="with more than one worker: fork N uvicorn servers, each on its own SO_REUSEPORT "
                              "socket made with IPPROTO_TCP (prefork); the same on one shared socket, where one "
@@ -520,7 +535,8 @@ def run(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
           f"{args.latency_rounds} rounds x {args.latency_duration:g} s per target")
 
     needed = {SERVERS[t.server].redis for t in make_targets(args.targets)} - {None}
-    redises = {name: start_redis(procs, tmp, name) for name in sorted(n for n in needed if n)}
+    redis_cpu = cpus(args, max(args.workers))[1]
+    redises = {name: start_redis(procs, tmp, name, cpu=redis_cpu) for name in sorted(n for n in needed if n)}
     # The servers import the middleware Python finds first: PYTHONPATH's, else this tree's editable
     # install (they run in the scratch directory, so that no tree's working directory comes first).
     env = {**os.environ, "QUOTA_LIMIT": str(args.limit)}

@@ -25,7 +25,7 @@ from .load import (
     run_load,
     wrk_command,
 )
-from .procs import HOST, Procs, free_port, group_cpu, group_pids, wait_http, workspace
+from .procs import HOST, Procs, free_port, group_cpu, group_pids, pinned, wait_http, workspace
 from .redis_server import RedisMeter, RedisPhase, RedisServer, commandstats, start_redis, stats_delta
 from .report import (
     environment,
@@ -41,11 +41,10 @@ from .report import (
 from .servers import SERVER_KINDS, ServerKind, serve_and_wait, server_kind, start_uvicorn
 
 __all__ = [
-    "BODY", "CREATE", "HEALTH", "HOST", "PROJECTS", "SERVER_KINDS", "Procs", "RedisMeter", "RedisPhase",
-    "RedisServer", "Route", "ServerKind", "closed_loop_command", "commandstats", "count_errors", "environment",
-    "fixed_rate_command", "fmt", "free_port", "git_state", "group_cpu", "group_pids", "median",
-    "middleware_origin", "paired_difference", "paired_ratio", "percentile", "ratio_of_medians", "request_bytes",
-    "run_load", "serve_and_wait", "server_kind", "start_redis", "start_uvicorn", "stats_delta", "wait_http",
+    "BODY", "CREATE", "HEALTH", "HOST", "PROJECTS", "Procs", "RedisMeter", "RedisPhase", "RedisServer", "Route",
+    "SERVER_KINDS", "ServerKind", "closed_loop_command", "commandstats", "count_errors", "environment",
+    "fixed_rate_command", "fmt", "free_port", "git_state", "group_cpu", "group_pids", "median", "middleware_origin",
+    "paired_difference", "paired_ratio", "percentile", "pinned", "ratio_of_medians", "request_bytes", "run_load",
+    "serve_and_wait", "server_kind", "start_redis", "start_uvicorn", "stats_delta", "wait_http", "workspace",
     "wrk_command",
-    "workspace",
 ]

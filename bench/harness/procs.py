@@ -77,6 +77,14 @@ def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
         pass
 
 
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """``argv`` run on one CPU only (``taskset -c``), it and every process or thread it starts; as is
+    when ``cpu`` is None or taskset is missing."""
+    if cpu is None or shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", str(cpu), *argv]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))

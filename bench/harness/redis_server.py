@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .procs import HOST, Procs, free_port, group_cpu
+from .procs import HOST, Procs, free_port, group_cpu, pinned
 
 
 class RedisServer:
@@ -22,11 +22,12 @@ class RedisServer:
     ``client`` is a sync redis-py client on it.
     """
 
-    def __init__(self, procs: Procs, tmp: Path, name: str = "redis", *, persistent: bool = False) -> None:
+    def __init__(self, procs: Procs, tmp: Path, name: str = "redis", *, persistent: bool = False,
+                 cpu: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server not found on PATH (Debian: apt-get install redis-server)")
-        self.binary, self.procs, self.name, self.persistent = binary, procs, name, persistent
+        self.binary, self.procs, self.name, self.persistent, self.cpu = binary, procs, name, persistent, cpu
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -52,10 +53,9 @@ class RedisServer:
 
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent \
             else ["--appendonly", "no"]
-        self.proc = self.procs.start(
-            [self.binary, "--port", str(self.port), "--bind", HOST, "--protected-mode", "yes", "--save", "",
-             *persistence, "--daemonize", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = [self.binary, "--port", str(self.port), "--bind", HOST, "--protected-mode", "yes", "--save", "",
+                *persistence, "--daemonize", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
+        self.proc = self.procs.start(pinned(argv, self.cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15.0
         while True:
             try:
@@ -82,9 +82,9 @@ class RedisServer:
             self._client = None
 
 
-def start_redis(procs: Procs, tmp: Path, name: str = "redis") -> RedisServer:
-    """A fresh, empty redis-server without persistence."""
-    server = RedisServer(procs, tmp, name).start()
+def start_redis(procs: Procs, tmp: Path, name: str = "redis", cpu: int | None = None) -> RedisServer:
+    """A fresh, empty redis-server without persistence (on CPU ``cpu`` only, if given)."""
+    server = RedisServer(procs, tmp, name, cpu=cpu).start()
     server.client.flushall()
     return server
 

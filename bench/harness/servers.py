@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .procs import HOST, Procs, free_port, wait_http
+from .procs import HOST, Procs, free_port, pinned, wait_http
 
 PREFORK = Path(__file__).resolve().with_name("prefork.py")
 
@@ -45,13 +45,14 @@ def server_kind(name: str) -> ServerKind:
 
 
 def start_uvicorn(procs: Procs, app: str, *, app_dir: Path, kind: ServerKind, env: dict[str, str],
-                  cwd: Path, workers: int = 1, multiworker: str = "prefork",
+                  cwd: Path, workers: int = 1, multiworker: str = "prefork", cpu: int | None = None,
                   **popen: Any) -> tuple[subprocess.Popen[Any], int]:
     """Serve ``apps:<app>`` from ``app_dir`` on a free port; returns the process (its own group) and the port.
 
     One worker: the uvicorn CLI (one process). More: the prefork launcher (``prefork.py``: N
     ``uvicorn.Server`` processes, each on its own SO_REUSEPORT socket; ``multiworker="prefork-shared"``:
-    one shared socket) or plain ``uvicorn --workers N`` (``multiworker="uvicorn"``).
+    one shared socket) or plain ``uvicorn --workers N`` (``multiworker="uvicorn"``). ``cpu``: every
+    process of the server on that CPU only.
     """
     port = free_port()
     if workers > 1 and multiworker != "uvicorn":
@@ -63,7 +64,7 @@ def start_uvicorn(procs: Procs, app: str, *, app_dir: Path, kind: ServerKind, en
         argv = [sys.executable, "-m", "uvicorn", f"apps:{app}", "--app-dir", str(app_dir), "--host", HOST,
                 "--port", str(port), "--workers", str(workers), "--loop", kind.loop, "--http", kind.http,
                 "--no-access-log", "--log-level", "warning"]
-    return procs.start(argv, cwd=cwd, env=env, **popen), port
+    return procs.start(pinned(argv, cpu), cwd=cwd, env=env, **popen), port
 
 
 def serve_and_wait(procs: Procs, app: str, path: str = "/health", status: int = 200,
