@@ -2,16 +2,20 @@
 
     .venv/bin/python bench/worker_profile.py                               # bare, minimal, memory; ~1 min
     .venv/bin/python bench/worker_profile.py --targets bare,null,minimal,memory,leases-on --rounds 3
-    .venv/bin/python bench/worker_profile.py --out /tmp/prof --python-only  # keep the raw stacks
+    .venv/bin/python bench/worker_profile.py --out /tmp/prof --native       # C frames too; keep the stacks
 
 For each target (the servers of throughput.py, ``bench/apps.py``, one uvicorn worker, uvloop +
 httptools by default) and each round, in rotating order:
 
 1. ``wrk -t1 -c32`` for ``--duration`` s without the profiler: the worker's CPU per request
    (user + system, /proc), the figure every share below is multiplied by;
-2. the same load with ``py-spy record --native --rate R`` on the worker (needs ptrace: root, or
-   ``kernel.yama.ptrace_scope=0``): collapsed stacks, native frames included, so that time in
-   uvloop, httptools, the kernel's socket calls and CPython's garbage collector is seen.
+2. the same load with ``py-spy record --nonblocking --rate R`` on the worker (needs ptrace: root,
+   or ``kernel.yama.ptrace_scope=0``): collapsed Python stacks; the time of C code (a dict
+   operation, a socket write) counts for the Python line that called it. ``--native`` adds the C
+   frames (uvloop, httptools, the kernel calls, CPython's garbage collector), but pauses the
+   worker for every sample, which over-weights system calls.
+
+The worker runs on CPU 0, wrk and py-spy on CPU 1 (taskset), when there are two CPUs.
 
 Every sample is given to one bucket: the garbage collector when a collection is on the stack;
 else the deepest frame of the middleware, of a bench app (``MinimalCounting``, the Starlette
@@ -19,7 +23,7 @@ endpoint), of Starlette or of uvicorn; else the event loop's own code (uvloop / 
 calls). A bucket's microseconds per request = its share of the samples x the worker's measured
 CPU per request. It prints the buckets side by side for every target with the difference to
 ``bare``, then the middleware's own buckets by function and line. Sampling perturbs the worker
-(about 1 in 20 of its time with --native at 1,000 Hz); the shares, not the profiled rate, count.
+a little (more with --native); the shares, not the profiled rate, count.
 Exits 0.
 """
 
@@ -46,6 +50,7 @@ from harness import (
     group_cpu,
     group_pids,
     median,
+    pinned,
     run_load,
     serve_and_wait,
     server_kind,
@@ -166,10 +171,12 @@ def main() -> int:
                         help=f"comma-separated, from {', '.join(TARGETS)} (bare,minimal,memory)")
     parser.add_argument("--server", choices=sorted(SERVER_KINDS), default="httptools")
     parser.add_argument("--limit", type=int, default=-1, help="the guarded apps' limit (-1: unlimited)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; each measures and profiles every target (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures and profiles every target (3)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per load (5)")
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second (1000)")
-    parser.add_argument("--python-only", action="store_true", help="py-spy without --native (and --nonblocking)")
+    parser.add_argument("--native", action="store_true",
+                        help="py-spy --native (C frames: uvloop, httptools, the collector; pauses the worker for "
+                             "every sample, which over-weights system calls) instead of --nonblocking")
     parser.add_argument("--out", type=Path, help="keep py-spy's raw stacks in this directory")
     parser.add_argument("--top", type=int, default=25, help="middleware lines to list (25)")
     args = parser.parse_args()
@@ -197,21 +204,23 @@ def run(procs: Procs, tmp: Path, out: Path, args: argparse.Namespace, targets: l
         pyspy: str) -> int:
     print(environment("uvicorn", "uvloop", "httptools", "starlette", "py-spy"))
     print(f"{kind.describe()}, 1 worker; wrk -t1 -c32, {args.rounds} rounds x {args.duration} s per target unprofiled "
-          f"+ the same profiled (py-spy {'--nonblocking' if args.python_only else '--native'} -r {args.rate}); "
+          f"+ the same profiled (py-spy {'--native' if args.native else '--nonblocking'} -r {args.rate}); "
           f"guarded limit {args.limit}")
     env = {**os.environ, "QUOTA_LIMIT": str(args.limit)}
     servers: dict[str, tuple[subprocess.Popen[Any], int]] = {}
+    server_cpu, load_cpu = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
     for name in targets:
         app, extra, redis = TARGETS[name]
         if redis:
             extra = {**extra, "REDIS_URL": start_redis(procs, tmp, name).url}
-        servers[name] = serve_and_wait(procs, app, app_dir=HERE, kind=kind, env={**env, **extra}, cwd=tmp)
+        servers[name] = serve_and_wait(procs, app, app_dir=HERE, kind=kind, env={**env, **extra}, cwd=tmp,
+                                       cpu=server_cpu)
     profiles = {name: Profile(name) for name in targets}
 
     def load(name: str, seconds: int) -> tuple[dict[str, Any], float | None]:
         proc, port = servers[name]
         before = group_cpu(proc.pid)
-        result = run_load(procs, wrk_command(CREATE, port, 32, seconds, tmp), seconds)
+        result = run_load(procs, pinned(wrk_command(CREATE, port, 32, seconds, tmp), load_cpu), seconds)
         after = group_cpu(proc.pid)
         return result, None if before is None or after is None else after - before
 
@@ -230,11 +239,11 @@ def run(procs: Procs, tmp: Path, out: Path, args: argparse.Namespace, targets: l
             worker = group_pids(proc.pid)[-1]
             raw = out / f"{name}-{r + 1}.txt"
             spy = [pyspy, "record", "-p", str(worker), "-r", str(args.rate), "-d", str(args.duration - 1),
-                   "--format", "raw", "-o", str(raw)] + (["--nonblocking"] if args.python_only else ["--native"])
-            loader = procs.start(wrk_command(CREATE, port, 32, args.duration, tmp), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+                   "--format", "raw", "-o", str(raw)] + (["--native"] if args.native else ["--nonblocking"])
+            loader = procs.start(pinned(wrk_command(CREATE, port, 32, args.duration, tmp), load_cpu),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             time.sleep(0.5)
-            spied = subprocess.run(spy, capture_output=True, text=True, timeout=args.duration + 30)
+            spied = subprocess.run(pinned(spy, load_cpu), capture_output=True, text=True, timeout=args.duration + 30)
             loader.communicate(timeout=args.duration + 20)
             procs.forget(loader)
             if spied.returncode != 0 or not raw.exists():
@@ -249,7 +258,6 @@ def run(procs: Procs, tmp: Path, out: Path, args: argparse.Namespace, targets: l
 
 
 def report(profiles: dict[str, Profile], targets: list[str], args: argparse.Namespace) -> None:
-    base = profiles["bare"]
     buckets = sorted({b for p in profiles.values() for b in p.buckets},
                      key=lambda b: -max(p.us(b) for p in profiles.values()))
     print(f"\nWorker CPU per request, us, by bucket (share of {args.rate}/s samples x unprofiled CPU per request); "
