@@ -1,18 +1,26 @@
-"""ASGI apps served by bench/throughput.py (each in its own uvicorn process).
+"""ASGI apps the benchmarks serve (each in its own uvicorn process) or call in process.
 
-- ``bare_app``: a tiny Starlette app: ``POST /v1/secrets`` -> 201 with a small JSON body,
-  ``GET /health`` -> 200.
+- ``bare_app``: a small Starlette app: ``POST /v1/secrets`` parses its JSON body and answers 201
+  with a small JSON body; ``GET /health`` -> 200.
+- ``null_app``: the same app behind a pure ASGI pass-through (``await self.app(scope, receive,
+  send)`` and nothing else): what merely being wrapped costs.
 - ``minimal_app``: the same app behind the least any quota middleware does in process, for
-  calibration (not a product: no limits, no store, no validation): match the route, read the
-  project header, count in a dict, watch the status to take a failed creation back. Its ratio to
-  bare is the most a middleware can reach on the machine, measured in the same run.
-- ``guarded_app``: the same app wrapped in QuotaMiddleware, one rule on ``POST /v1/secrets``,
-  a limit of -1 (unlimited: every request still reserves and commits in Redis, the limit is
-  never reached) and ``RedisStore(REDIS_URL)``; with ``QUOTA_LOCAL_LEASES=1``, local leases on
-  (``QuotaMiddleware(local_leases=True)``). Built on first access, so serving ``bare_app``
-  needs no REDIS_URL.
+  calibration (not a product: no store, no leases, no validation): match the route, read the
+  project header, check and count in a dict, add one header to the answer, watch the status to
+  take a failed creation back. Its ratio to bare is about the most a quota middleware can reach.
+- ``memory_app``: the same app in QuotaMiddleware with the embedded default store (MemoryStore),
+  one rule on ``POST /v1/secrets`` and ``StaticSource({"secrets": QUOTA_LIMIT})``.
+- ``guarded_app``: the same on ``RedisStore(REDIS_URL)``; with ``QUOTA_LOCAL_LEASES=1``, local
+  leases on (``QuotaMiddleware(local_leases=True)``).
 
-Serve with ``uvicorn --app-dir bench apps:bare_app`` (or ``apps:guarded_app``).
+``QUOTA_LIMIT`` (default -1) is the limit of every project: -1 is unlimited (every request still
+reserves and commits; no RateLimit headers are sent), a large number is a limit never reached
+that still sends the RateLimit headers, as in production. The guarded apps are built on first
+access (PEP 562), so serving ``bare_app`` needs neither REDIS_URL nor the middleware.
+
+Serve with ``uvicorn --app-dir bench apps:bare_app``. builds.py serves this file's
+``guarded_app`` / ``memory_app`` with another tree's ``middleware`` first on PYTHONPATH: keep to
+the middleware's public API.
 """
 
 from __future__ import annotations
@@ -21,18 +29,22 @@ import os
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from middleware import QuotaMiddleware, RedisStore, Rule, StaticSource
-
 SECRET_REF = "http://127.0.0.1/v1/secrets/0b5a1f6e-3d2c-4f7e-9a8b-1c2d3e4f5a6b"
+#: ``minimal_app``'s limit per project: never reached by a benchmark.
+MINIMAL_LIMIT = 10**12
 
 
 def build_app() -> Starlette:
     async def create_secret(request: Request) -> Response:
-        return JSONResponse({"secret_ref": SECRET_REF}, status_code=201)
+        try:
+            body = await request.json()
+        except ClientDisconnect:  # a load generator that stops closes its connections mid-request
+            return Response(status_code=499)
+        return JSONResponse({"secret_ref": SECRET_REF, "name": body.get("name")}, status_code=201)
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -43,11 +55,22 @@ def build_app() -> Starlette:
     ])
 
 
-class MinimalCounting:
-    """See ``minimal_app`` above."""
+class NullMiddleware:
+    """See ``null_app`` above."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+class MinimalCounting:
+    """See ``minimal_app`` above."""
+
+    def __init__(self, app: Any, limit: int = MINIMAL_LIMIT) -> None:
+        self.app = app
+        self.limit = limit
         self.used: dict[bytes, int] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -55,13 +78,20 @@ class MinimalCounting:
             await self.app(scope, receive, send)
             return
         project = next((value for key, value in scope["headers"] if key == b"x-project-id"), b"")
-        self.used[project] = self.used.get(project, 0) + 1
+        used = self.used.get(project, 0)
+        if used >= self.limit:
+            await send({"type": "http.response.start", "status": 403, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.used[project] = used = used + 1
         status = 0
 
         def send_watching(message: dict[str, Any]) -> Any:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"ratelimit-remaining", b"%d" % (self.limit - used))]}
             return send(message)
 
         try:
@@ -71,11 +101,24 @@ class MinimalCounting:
                 self.used[project] -= 1
 
 
-def build_guarded_app(redis_url: str) -> QuotaMiddleware:
+def _limit() -> int:
+    return int(os.environ.get("QUOTA_LIMIT", "-1"))
+
+
+def build_memory_app() -> Any:
+    from middleware import QuotaMiddleware, Rule, StaticSource
+
+    return QuotaMiddleware(build_app(), rules=[Rule("POST", "/v1/secrets", "secrets")],
+                           source=StaticSource({"secrets": _limit()}))
+
+
+def build_guarded_app(redis_url: str) -> Any:
+    from middleware import QuotaMiddleware, RedisStore, Rule, StaticSource
+
     return QuotaMiddleware(
         build_app(),
         rules=[Rule("POST", "/v1/secrets", "secrets")],
-        source=StaticSource({"secrets": -1}),
+        source=StaticSource({"secrets": _limit()}),
         store=RedisStore(redis_url),
         # QUOTA_LOCAL_LEASES=1 serves the guarded app with local leases on.
         local_leases=os.environ.get("QUOTA_LOCAL_LEASES") == "1",
@@ -83,17 +126,20 @@ def build_guarded_app(redis_url: str) -> QuotaMiddleware:
 
 
 bare_app = build_app()
+null_app = NullMiddleware(build_app())
 minimal_app = MinimalCounting(build_app())
-_guarded: QuotaMiddleware | None = None
+_built: dict[str, Any] = {}
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: build guarded_app only when it is asked for
-    global _guarded
-    if name != "guarded_app":
+def __getattr__(name: str) -> Any:  # PEP 562: build the guarded apps only when asked for
+    if name not in ("guarded_app", "memory_app"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _guarded is None:
-        url = os.environ.get("REDIS_URL")
-        if not url:
-            raise RuntimeError("guarded_app needs REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
-        _guarded = build_guarded_app(url)
-    return _guarded
+    if name not in _built:
+        if name == "memory_app":
+            _built[name] = build_memory_app()
+        else:
+            url = os.environ.get("REDIS_URL")
+            if not url:
+                raise RuntimeError("guarded_app needs REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+            _built[name] = build_guarded_app(url)
+    return _built[name]

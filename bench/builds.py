@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/builds.py BASE [CHANGED]      # CHANGED defaults to the working tree
     .venv/bin/python bench/builds.py 7533524 HEAD --leases on --rounds 8
+    .venv/bin/python bench/builds.py HEAD --store memory --limit 1000000000
 
-Each revision is checked out in a temporary git worktree (the working tree is used as it is) and
-serves its own ``bench/apps.py`` ``guarded_app`` (the guarded route of throughput.py) in its own
-uvicorn (1 worker; ``--workers N`` uses throughput.py's prefork launcher), with its own
-redis-server. wrk loads the two in interleaved rounds whose order alternates, so that a machine
+Each revision is checked out in a temporary git worktree (the working tree is used as it is);
+its ``middleware`` package serves this tree's ``bench/apps.py`` ``guarded_app`` (``--store
+redis``, the guarded route of throughput.py, with its own redis-server) or ``memory_app``
+(``--store memory``), so that only the middleware differs. One uvicorn worker (uvloop + httptools;
+``--server h11`` for asyncio + h11) on CPU 0 with wrk on CPU 1, or ``--workers N`` through the
+harness's prefork launcher, unpinned. wrk loads the two in interleaved rounds whose order alternates, so that a machine
 whose speed drifts hits both alike. It prints, per round and as
 medians over the rounds, req/s and the server's CPU per answered request, and the ratio
 CHANGED / BASE (of the medians, and the median of the per-round ratios). It exits 0 whatever
@@ -16,16 +19,30 @@ the numbers. Needs git, wrk and Debian's redis-server.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import statistics
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
-from throughput import ROOT, Target, group_cpu, run_load, server_impl, start_redis, wrk_command
+from harness import (
+    CREATE,
+    SERVER_KINDS,
+    Procs,
+    group_cpu,
+    pinned,
+    run_load,
+    serve_and_wait,
+    server_kind,
+    start_redis,
+    workspace,
+    wrk_command,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 @dataclass
@@ -34,7 +51,7 @@ class Build:
     rev: str | None  # None: the working tree
     tree: Path
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[Any] | None = None
     rps: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
 
@@ -48,30 +65,21 @@ def checkout(name: str, rev: str, tmp: Path) -> Path:
     return tree
 
 
-def serve(procs: Procs, build: Build, redis_url: str, leases: bool, workers: int) -> None:
-    build.port = free_port()
+def serve(procs: Procs, build: Build, redis_url: str | None, args: argparse.Namespace) -> None:
     # The build's own package first: the tree is the working directory and on PYTHONPATH.
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(build.tree), "REDIS_URL": redis_url,
-           "QUOTA_LOCAL_LEASES": "1" if leases else "0"}
-    app_dir = str(build.tree / "bench")
-    if workers > 1:  # throughput.py's prefork launcher, serving the build's own bench/apps.py
-        loop, http = server_impl()
-        argv = [sys.executable, str(Path(__file__).resolve().with_name("throughput.py")), "_serve",
-                json.dumps({"app": "guarded_app", "app_dir": app_dir, "port": build.port, "workers": workers,
-                            "loop": loop, "http": http, "sockets": "reuseport"})]
-    else:
-        argv = [sys.executable, "-m", "uvicorn", "apps:guarded_app", "--app-dir", app_dir, "--host", HOST,
-                "--port", str(build.port), "--no-access-log", "--log-level", "warning"]
-    build.proc = procs.start(argv, cwd=build.tree, env=env)
-    wait_http(build.port, build.proc, "/health", 200)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(build.tree), "REDIS_URL": redis_url or "",
+           "QUOTA_LOCAL_LEASES": "1" if args.leases == "on" else "0", "QUOTA_LIMIT": str(args.limit)}
+    app = "memory_app" if args.store == "memory" else "guarded_app"
+    build.proc, build.port = serve_and_wait(procs, app, app_dir=HERE, kind=args.kind, env=env, cwd=build.tree,
+                                            workers=args.workers, cpu=args.cpus[0])
 
 
 def load(procs: Procs, tmp: Path, build: Build, args: argparse.Namespace, measured: bool) -> None:
-    target = Target(build.name, build.name, "POST", "/v1/secrets", 201)
     assert build.proc is not None
     before = group_cpu(build.proc.pid)
     duration = args.duration if measured else args.warmup
-    result = run_load(procs, wrk_command(target, build.port, args.connections, duration, tmp), duration)
+    result = run_load(procs, pinned(wrk_command(CREATE, build.port, args.connections, duration, tmp), args.cpus[1]),
+                      duration)
     after = group_cpu(build.proc.pid)
     answered = result["statuses"].get("201", 0)
     if not measured:
@@ -87,7 +95,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="the revision to compare against (any git revision)")
     parser.add_argument("changed", nargs="?", help="the revision to measure (default: the working tree)")
-    parser.add_argument("--leases", choices=["on", "off"], default="off", help="local leases (off)")
+    parser.add_argument("--store", choices=["redis", "memory"], default="redis",
+                        help="guarded_app on Redis (redis), or memory_app on the embedded store (memory)")
+    parser.add_argument("--leases", choices=["on", "off"], default="off", help="--store redis: local leases (off)")
+    parser.add_argument("--limit", type=int, default=-1, help="every project's limit (-1: unlimited, no headers)")
+    parser.add_argument("--server", choices=sorted(SERVER_KINDS), default="httptools",
+                        help="uvicorn with uvloop + httptools (httptools) or asyncio + h11 (h11)")
     parser.add_argument("--rounds", type=int, default=6, help="rounds; each loads both builds once (6)")
     parser.add_argument("--duration", type=int, default=3, help="seconds per round and build (3)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per build first (1)")
@@ -98,6 +111,8 @@ def main() -> int:
         parser.error("--rounds, --duration, --warmup, --connections and --workers must be at least 1")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
+    args.kind = server_kind(args.server)
+    args.cpus = (0, 1) if args.workers == 1 and (os.cpu_count() or 1) >= 2 else (None, None)
     with workspace("quota-builds-") as (procs, tmp):
         return compare(procs, tmp, args)
 
@@ -112,10 +127,13 @@ def compare(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
                 trees.append(tree)
             builds.append(Build(name, rev, tree))
         for build in builds:
-            serve(procs, build, start_redis(procs, tmp, build.name).url, args.leases == "on", args.workers)
+            redis = start_redis(procs, tmp, build.name, cpu=args.cpus[1]).url if args.store == "redis" else None
+            serve(procs, build, redis, args)
             load(procs, tmp, build, args, measured=False)
         labels = {b.name: b.rev or "working tree" for b in builds}
-        print(f"base {labels['base']} vs changed {labels['changed']}; leases {args.leases}; "
+        store = f"Redis, leases {args.leases}" if args.store == "redis" else "memory store"
+        print(f"base {labels['base']} vs changed {labels['changed']}; {store}; limit {args.limit}; "
+              f"{args.kind.describe()}; "
               f"{args.workers} worker{'s' if args.workers > 1 else ''}; "
               f"wrk -t1 -c{args.connections}; {args.rounds} rounds x {args.duration} s, order alternating")
         for i in range(args.rounds):

@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from harness import Procs, git_state, start_redis, workspace
+
+ROOT = Path(__file__).resolve().parent.parent
 MARK = "MEMJSON "
 CONFIGS = {
     "redis": "RedisStore, StaticSource",
@@ -176,11 +177,11 @@ async def _run(spec: dict[str, Any]) -> None:
 
 # -- the harness ----------------------------------------------------------------------------------
 
-def start_config(procs: Any, spec: dict[str, Any]) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+def start_config(procs: Procs, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    # The same environment: the child imports the middleware this process would (PYTHONPATH's first).
     argv = [sys.executable, str(Path(__file__).resolve()), "_run", json.dumps(spec)]
     proc: subprocess.Popen[str] = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                              cwd=ROOT, env=env)
+                                              cwd=ROOT)
     return proc
 
 
@@ -251,13 +252,9 @@ def main() -> int:
     if args.projects < 1 or args.concurrency < 1 or args.jobs < 1:
         parser.error("--projects, --concurrency and --jobs must be at least 1")
 
-    sys.path.insert(0, str(HERE))
-    from procs import workspace
-    from throughput import git_state, start_redis  # the same redis-server harness
-
     checkpoints = sorted({max(1, args.projects // 100), max(1, args.projects // 10), max(1, args.projects // 2),
                           args.projects})
-    print(f"python {platform.python_version()}; {os.cpu_count()} CPUs; middleware at {git_state()}")
+    print(f"python {platform.python_version()}; {os.cpu_count()} CPUs; middleware from {git_state()}")
     print(f"{args.projects:,} distinct projects per configuration through one QuotaMiddleware (in-process ASGI calls, "
           f"{args.concurrency} in flight), limit {args.limit}; checkpoints {', '.join(f'{c:,}' for c in checkpoints)}; "
           f"{args.jobs} configuration(s) at a time")
@@ -277,7 +274,7 @@ def main() -> int:
                     running.append((config, start_config(procs, spec)))
                 config, proc = running.pop(0)
                 results[config] = collect(proc, timeout=3600)
-                procs.procs.remove(proc)
+                procs.forget(proc)
                 print(f"  {config}: done after {time.monotonic() - started:.0f} s", flush=True)
             for config in configs:
                 info = None
@@ -294,7 +291,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "_run":
-        sys.path.insert(0, str(ROOT))
         asyncio.run(_run(json.loads(sys.argv[2])))
         sys.exit(0)
     sys.exit(main())

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from typing import Any
 
-from procs import workspace  # bench/procs.py: sys.path[0] is bench/
-from throughput import ROOT, start_redis
+from harness import start_redis, workspace
 
-sys.path.append(str(ROOT))  # after PYTHONPATH: PYTHONPATH=<a worktree> measures that build
-from middleware import RedisStore  # noqa: E402
-from middleware.stores.base import Bucket, Reservation  # noqa: E402
+from middleware import RedisStore
+from middleware.stores.base import Bucket, Reservation
 
 PROJECTS = 8
 

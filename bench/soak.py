@@ -34,7 +34,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from procs import HOST, Procs, free_port, wait_http, workspace  # bench/procs.py: sys.path[0] is bench/
+from harness import HOST, Procs, RedisServer, free_port, wait_http, workspace
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,52 +57,6 @@ LOG_PATTERNS = {
     "store failed (503 to the caller)": "quota store failed",
     "traceback": "Traceback (most recent call last)",
 }
-
-
-# -- processes -------------------------------------------------------------------------------------
-
-class Redis:
-    """redis-server with appendonly persistence, restartable on the same port and directory."""
-
-    def __init__(self, procs: Procs, tmp: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server not found on PATH (Debian: apt-get install redis-server)")
-        self.binary = binary
-        self.procs = procs
-        self.dir = tmp / "redis"
-        self.dir.mkdir()
-        self.port = free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis  # the sync client of the project's redis dependency
-
-        self.proc = self.procs.start(
-            [self.binary, "--port", str(self.port), "--bind", HOST, "--protected-mode", "yes", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--dir", str(self.dir),
-             "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5.0)
-        deadline = time.monotonic() + 15.0
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.exceptions.RedisError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"redis-server did not start on {HOST}:{self.port} "
-                                         f"(see {self.dir}/redis.log)") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.procs.stop(self.proc, sig=signal.SIGKILL)
-            self.proc = None
 
 
 # -- the load generator (a separate process: `soak.py _load SPEC`) ---------------------------------
@@ -184,7 +137,6 @@ def load_main(spec_json: str) -> int:
 
 async def counters(redis_url: str, buckets: list[tuple[str, str]], settle: float) -> tuple[dict[str, int], dict[str, int]]:
     """Usage and live leases of every bucket, after waiting up to ``settle`` s for leases to clear."""
-    sys.path.insert(0, str(ROOT))
     import redis.asyncio as aioredis
 
     from middleware import Bucket, RedisStore
@@ -207,8 +159,7 @@ async def counters(redis_url: str, buckets: list[tuple[str, str]], settle: float
 
 
 def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> int:
-    redis = Redis(procs, tmp)
-    redis.start()
+    redis = RedisServer(procs, tmp, persistent=True).start()
     port = free_port()
     log_path = tmp / "app.log"
     with open(log_path, "wb") as log:
@@ -238,7 +189,7 @@ def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> int:
         print(f"chaos: t={outage[1] - began:.1f} s: redis-server back on port {redis.port} (same data directory)",
               flush=True)
     out, _ = loader.communicate(timeout=args.duration + 120)
-    procs.procs.remove(loader)
+    procs.forget(loader)
     lines = [line for line in out.decode().splitlines() if line.startswith(RESULT_MARK)]
     if loader.returncode != 0 or not lines:
         print(f"FAIL: the load generator exited with {loader.returncode} and no result", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""Subprocess plumbing shared by the benchmark scripts: every process in its own group, all
-stopped at the end (with a scratch directory: ``workspace``), free loopback ports, waiting for a
-server to answer."""
+"""Processes of a benchmark run: every one in its own process group, all stopped at the end (with
+a scratch directory: ``workspace``); free loopback ports; waiting for a server to answer; the CPU
+time a process group used (from /proc)."""
 
 from __future__ import annotations
 
@@ -18,20 +18,26 @@ from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class Procs:
     """Every subprocess a run started, each in its own process group; all stopped at the end."""
 
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[Any]] = []
 
-    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
         proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
         self.procs.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    def forget(self, proc: subprocess.Popen[Any]) -> None:
+        """A process that ended by itself (a load generator): nothing to stop at the end."""
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop(self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
         if proc.poll() is None:
             _signal_group(proc, sig)
             try:
@@ -41,8 +47,7 @@ class Procs:
         _signal_group(proc, signal.SIGKILL)  # whatever is left of the group (uvicorn workers)
         if proc.poll() is None:
             proc.wait(grace)
-        if proc in self.procs:
-            self.procs.remove(proc)
+        self.forget(proc)
 
     def stop_all(self) -> None:
         for proc in reversed(list(self.procs)):
@@ -65,11 +70,19 @@ def workspace(prefix: str) -> Iterator[tuple[Procs, Path]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # the group made by start_new_session (pgid == pid)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """``argv`` run on one CPU only (``taskset -c``), it and every process or thread it starts; as is
+    when ``cpu`` is None or taskset is missing."""
+    if cpu is None or shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", str(cpu), *argv]
 
 
 def free_port() -> int:
@@ -78,7 +91,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(port: int, proc: subprocess.Popen[bytes], path: str, status: int, timeout: float = 30.0) -> None:
+def wait_http(port: int, proc: subprocess.Popen[Any], path: str, status: int, timeout: float = 30.0) -> None:
     """Wait until ``GET path`` on the server answers ``status``; exit clearly if it dies or never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,3 +106,41 @@ def wait_http(port: int, proc: subprocess.Popen[bytes], path: str, status: int, 
             pass
         time.sleep(0.1)
     raise SystemExit(f"the server on port {port} did not answer GET {path} within {timeout:.0f}s")
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()  # [0] state, [1] ppid, [2] pgrp, [11] utime, [12] stime
+    except OSError:
+        return None  # gone meanwhile
+
+
+def group_cpu(pgid: int) -> float | None:
+    """CPU seconds (user + system) used so far by every live process of a process group (Linux /proc).
+
+    A server started by :class:`Procs` is its own group (pgid == the pid Procs returned): with
+    uvicorn's ``--workers N`` or the prefork launcher, that is the supervisor and its workers.
+    """
+    total = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.isdigit():
+            fields = _stat_fields(entry)
+            if fields is not None and int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of a process group, the leader first (for py-spy: the workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(entry)
+            if fields is not None and int(fields[2]) == pgid:
+                pids.append(int(entry))
+    return sorted(pids, key=lambda p: (p != pgid, p))
