@@ -144,7 +144,7 @@ def compare(procs: Procs, tmp: Path, args: argparse.Namespace) -> int:
                 f"{b.name} {b.rps[-1]:,.0f} req/s {b.cpu_us[-1] if b.cpu_us else float('nan'):.0f} us/req"
                 for b in order))
         base, changed = builds
-        paired = statistics.median(c / b for b, c in zip(base.rps, changed.rps))
+        paired = statistics.median(c / b for b, c in zip(base.rps, changed.rps, strict=True))
         for build in builds:
             cpu = f"{statistics.median(build.cpu_us):.0f}" if build.cpu_us else "?"
             print(f"{build.name:8s} {labels[build.name]:>14s}: median {statistics.median(build.rps):,.0f} req/s, "

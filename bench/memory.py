@@ -216,7 +216,7 @@ def report(config: str, rows: list[dict[str, Any]], redis_info: dict[str, Any] |
         line = f"{label:>10} {row['seconds']:>7.1f} {row['rss_mb']:>7.1f} {row['peak_rss_mb']:>7.1f}"
         if tracemalloc:
             line += f" {row.get('traced_mb', 0.0):>9.1f}"
-        line += "".join(f"  {fmt_count(row['structures'].get(k)):>{w}}" for k, w in zip(keys, widths))
+        line += "".join(f"  {fmt_count(row['structures'].get(k)):>{w}}" for k, w in zip(keys, widths, strict=True))
         print(line)
     last = rows[-1]
     done = max(r["projects"] for r in rows)

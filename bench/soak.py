@@ -135,7 +135,8 @@ def load_main(spec_json: str) -> int:
 
 # -- the run ---------------------------------------------------------------------------------------
 
-async def counters(redis_url: str, buckets: list[tuple[str, str]], settle: float) -> tuple[dict[str, int], dict[str, int]]:
+async def counters(redis_url: str, buckets: list[tuple[str, str]],
+                   settle: float) -> tuple[dict[str, int], dict[str, int]]:
     """Usage and live leases of every bucket, after waiting up to ``settle`` s for leases to clear."""
     import redis.asyncio as aioredis
 

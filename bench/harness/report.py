@@ -35,12 +35,12 @@ def ratio_of_medians(values: Sequence[float], base: Sequence[float]) -> float:
 
 def paired_ratio(values: Sequence[float], base: Sequence[float]) -> float:
     """The median of the per-round ratios: each pair measured seconds apart, so drift cancels."""
-    return median([a / b for a, b in zip(values, base)])
+    return median([a / b for a, b in zip(values, base, strict=True)])
 
 
 def paired_difference(values: Sequence[float], base: Sequence[float]) -> float:
     """The median of the per-round differences (e.g. worker CPU us per request over the baseline's)."""
-    return median([a - b for a, b in zip(values, base)])
+    return median([a - b for a, b in zip(values, base, strict=True)])
 
 
 def middleware_origin() -> Path | None:
