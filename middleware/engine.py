@@ -265,6 +265,41 @@ class QuotaEngine:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
         return Admitted((charge,), (decision,))
 
+    def admit_nowait(self, project: str, demand: Demand) -> Admitted | None:
+        """``admit`` of one consume demand when everything is at hand: the project's quotas fresh in
+        process, and a store that decides in process (the memory store, an open local lease).
+        Only an admission is answered here; None: await ``admit`` (which also decides refusals,
+        failures and shadow mode). No coroutine, no I/O: most requests of a warm project."""
+        if self._parents is not None or self.metrics is not None:
+            return None  # with metrics, a refusal would count its cache lookup twice: admit() counts once
+        quotas = self.cache.fresh(project)
+        if quotas is None:
+            return None
+        charge = self.charge(quotas, project, demand)
+        decision = self._decide_nowait("consume", charge)
+        if decision is None or not decision.admitted:
+            return None  # nothing was reserved: admit() decides it again, and answers the refusal
+        # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
+        return tuple.__new__(Admitted, ((charge,), (decision,)))
+
+    def settle_nowait(self, admitted: Admitted, keep: bool) -> bool:
+        """``settle_all`` when the store settles in process or hands settlements over; False:
+        nothing was done, await ``settle_all``."""
+        if len(admitted.decisions) != 1:
+            return False
+        reservation = admitted.decisions[0].reservation
+        if reservation is None:
+            return True
+        try:
+            if not self._settle_nowait(reservation, keep):
+                return False
+        except StoreError as exc:
+            logger.warning(SETTLE_FAILED, reservation.bucket.project, exc,
+                           extra=_fields(reservation.bucket.project, reservation.bucket.resource, "settle_failed"))
+        if not keep:
+            self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
+        return True
+
     async def _admit_all(self, project: str, demands: Sequence[Demand], headers: RawHeaders, action: Action,
                          shadow: bool, parent: str | None) -> Admitted | Rejection | None:
         """Several demands, or a hierarchy: every bucket reserved in one atomic step, or none."""
