@@ -230,7 +230,7 @@ async def test_json_source_reads_pointers() -> None:
                         client=upstream.client())
     quotas = await source.fetch("team/1", {})
     widgets = quotas.limit("widgets")
-    assert widgets.value == 10 and widgets.used == 4 and widgets.window == Window(1893456000.0, 1893542400.0)
+    assert widgets.value == 10 and widgets.used == 4 and widgets.period == Window(1893456000.0, 1893542400.0)
     assert quotas.limit("ab").value == 3 and "gone" not in quotas.limits
     assert upstream.requests[0].url.raw_path == b"/projects/team%2F1/limits"
     assert upstream.requests[0].headers["authorization"] == "Bearer s"
