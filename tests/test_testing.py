@@ -89,10 +89,12 @@ async def test_installed_points_an_existing_middleware_at_the_fixture() -> None:
 
     app = fastapi_app.create_app()
     original = app.engine
-    with QuotaFixture({"secrets": 1}) as quota, quota.installed(app):
+    with QuotaFixture({"secrets": 1, "reports": 1}) as quota, quota.installed(app):
         async with client_for(app) as client:
             assert [(await client.post("/v1/secrets", headers=H)).status_code for _ in range(2)] == [201, 403]
-        assert quota.usage("p1", "secrets") == 1
+            # The FastAPI dependency decides with the same (installed) engine.
+            assert [(await client.post("/v1/reports", headers=H)).status_code for _ in range(2)] == [201, 403]
+        assert (quota.usage("p1", "secrets"), quota.usage("p1", "reports")) == (1, 1)
     assert app.engine is original
 
 
