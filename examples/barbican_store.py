@@ -10,6 +10,8 @@ Configured by environment:
   static quotas below.
 - ``REDIS_URL``: where usage lives, shared by every worker; unset -> in-memory (one process).
 - ``QUOTA_LOCAL_LEASES=1``: admit from locally leased blocks of quota (see the README).
+- ``QUOTA_SECRETS_PER_MINUTE``: how many secrets a project may create per minute, beside its
+  secrets quota (default 6000): a rate limit written on a rule, decided with the quota in one step.
 
 Run it: ``uvicorn examples.barbican_store:app``.
 """
@@ -33,6 +35,7 @@ from middleware import BarbicanSource, MemoryStore, QuotaMiddleware, QuotaSource
 
 #: What a project may create when no quota API is configured.
 DEMO_QUOTAS = {"secrets": 5, "containers": 5, "orders": 2, "consumers": 10, "cas": 0}
+SECRETS_PER_MINUTE = 6000
 
 RULES = [
     Rule("POST", "/v1/secrets", "secrets"),
@@ -82,8 +85,12 @@ def ref(request: Request, kind: str, entity_id: str) -> str:
     return str(request.url_for("root")).rstrip("/") + f"/v1/{kind}/{entity_id}"
 
 
-def create_app(source: QuotaSource, store: Store | None = None, **options: Any) -> Starlette:
+def create_app(source: QuotaSource, store: Store | None = None, *, secrets_per_minute: int = SECRETS_PER_MINUTE,
+               **options: Any) -> Starlette:
+    """The store; ``options`` go to the middleware (its engine's options: local_leases, ...)."""
     vault = Vault()
+    # Both rules apply to a create: the quota from the source, and a rate written on the rule.
+    rules = [*RULES, Rule("POST", "/v1/secrets", "secrets:per-minute", limit=f"{secrets_per_minute}/minute")]
 
     async def root(request: Request) -> Response:
         href = str(request.url_for("root")).rstrip("/") + "/v1/"
@@ -167,7 +174,7 @@ def create_app(source: QuotaSource, store: Store | None = None, **options: Any) 
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(QuotaMiddleware, rules=RULES, source=source, store=store, **options)],
+        middleware=[Middleware(QuotaMiddleware, rules=rules, source=source, store=store, **options)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
 
@@ -178,7 +185,8 @@ def from_env(env: Mapping[str, str] = os.environ) -> Starlette:
     source: QuotaSource = BarbicanSource(url) if url else StaticSource(DEMO_QUOTAS)
     redis_url = env.get("REDIS_URL")
     store: Store = RedisStore(redis_url) if redis_url else MemoryStore()
-    return create_app(source, store, local_leases=env.get("QUOTA_LOCAL_LEASES") == "1")
+    return create_app(source, store, local_leases=env.get("QUOTA_LOCAL_LEASES") == "1",
+                      secrets_per_minute=int(env.get("QUOTA_SECRETS_PER_MINUTE", SECRETS_PER_MINUTE)))
 
 
 app = from_env()

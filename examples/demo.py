@@ -29,15 +29,17 @@ def show(response: httpx.Response) -> None:
 async def main() -> None:
     redis_url = os.environ.get("REDIS_URL")
     store: Store = RedisStore(redis_url) if redis_url else MemoryStore()
-    app = create_app(StaticSource(DEMO_QUOTAS), store)
+    app = create_app(StaticSource(DEMO_QUOTAS), store, secrets_per_minute=30)
     headers = {"X-Project-Id": "demo-project"}
-    print(f"Quotas of every project: {DEMO_QUOTAS}")
+    print(f"Quotas of every project: {DEMO_QUOTAS}; and at most 30 secrets created per minute")
     print(f"Usage store: {'Redis at ' + redis_url if redis_url else 'in-memory (no server)'}\n")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://barbican.local") as client:
         if redis_url:
             print("Resetting the demo project's usage in Redis.\n")
             for resource in DEMO_QUOTAS:
                 await store.set_usage(Bucket("demo-project", resource), 0)
+            for view in await store.buckets("demo-project"):  # the per-minute windows too
+                await store.set_usage(view.bucket, 0)
 
         print("1. A failed creation (invalid JSON) costs nothing: the next one still sees 4 left.")
         show(await client.post("/v1/secrets", content=b"{oops", headers=headers))

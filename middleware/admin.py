@@ -5,6 +5,8 @@
     GET    /v1/project-quotas/{id}      one project's overrides (404: none)
     PUT    /v1/project-quotas/{id}      replace one project's overrides (204)
     DELETE /v1/project-quotas/{id}      drop them; the source's limits apply again (204, 404: none)
+    GET    /v1/usage                    the caller's usage: limit, used, reserved, remaining, reset
+    GET    /v1/project-usage/{id}       any project's usage, the same way
 
 Overrides live in the store, next to the counters, and the store reads them in the same atomic
 step as each decision: a change applies to the next guarded request of every worker.
@@ -33,13 +35,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .cache import QuotaCache
-from .engine import SOURCE_FAILED
+from .engine import SOURCE_FAILED, QuotaEngine
 from .errors import ConfigurationError, IdentityError, SourceError, SourceRejected, StoreError
 from .identity import Identity, IdentityFn, resource_problem
 from .quotas import MAX_LIMIT, UNLIMITED, Limit, Quotas
+from .rendering import iso_time
 from .sources.base import QuotaSource
-from .stores.base import SharedState, Store
+from .sources.static import StaticSource
+from .stores.base import Store
 
 logger = logging.getLogger("quota_middleware.admin")
 
@@ -105,15 +108,20 @@ class QuotaAdmin:
         self.identity = Identity(identity)
         self._project_id = Identity(_path_project)
         self.clock = clock
-        shared = store if isinstance(store, SharedState) else None
-        self.cache = None if source is None else QuotaCache(source, store, shared=shared, ttl=cache_ttl,
-                                                            stale=stale_ttl, clock=clock)
+        #: Usage reads and the source's quotas go through an engine of the admin's own, over the same
+        #: store (so the shared quota copy the middleware's workers keep is used).
+        self.engine = QuotaEngine(source=source if source is not None else StaticSource({}), store=store,
+                                  default_limit=self.default_limit, cache_ttl=cache_ttl, stale_ttl=stale_ttl,
+                                  clock=clock)
+        self.cache = None if source is None else self.engine.cache
         routes = [
             Route("/v1/quotas", self._effective, methods=["GET"]),
             Route("/v1/quotas/", self._effective, methods=["GET"]),
             Route("/v1/project-quotas", self._list, methods=["GET"]),
             Route("/v1/project-quotas/", self._list, methods=["GET"]),
             Route("/v1/project-quotas/{project_id}", self._one, methods=["GET", "PUT", "DELETE"]),
+            Route("/v1/usage", self._caller_usage, methods=["GET"]),
+            Route("/v1/project-usage/{project_id}", self._project_usage, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes, exception_handlers={
             AdminError: _admin_error,
@@ -151,6 +159,33 @@ class QuotaAdmin:
             logger.warning("quota API failed for project %r: %s", project, exc)
             retry = exc.retry_after or RETRY_AFTER
             raise AdminError(503, SOURCE_FAILED, {"Retry-After": str(max(1, round(retry)))}) from None
+
+    # -- usage: /v1/usage (the caller's), /v1/project-usage/{id} (any project's) ----------------
+
+    async def _caller_usage(self, request: Request) -> Response:
+        try:
+            project = self.identity(request.scope)
+        except IdentityError as exc:
+            raise AdminError(exc.status_code, str(exc)) from None
+        return await self._usage(project, request)
+
+    async def _project_usage(self, request: Request) -> Response:
+        return await self._usage(self._project(request), request)
+
+    async def _usage(self, project: str, request: Request) -> Response:
+        """Per resource: limit, used, reserved, remaining (quota units) and the window it resets at."""
+        try:
+            report = await self.engine.usage(project, headers=request.scope["headers"], resources=self.resources)
+        except SourceRejected as exc:
+            raise AdminError(exc.caller_status, f"Quota service refused the request: {exc}") from None
+        except SourceError as exc:
+            logger.warning("quota API failed for project %r: %s", project, exc)
+            retry = exc.retry_after or RETRY_AFTER
+            raise AdminError(503, SOURCE_FAILED, {"Retry-After": str(max(1, round(retry)))}) from None
+        for entry in report.values():
+            window = entry["window"]
+            entry["reset"] = None if window is None else iso_time(window["end"])
+        return JSONResponse({"project_id": project, "usage": self._ordered(report)})
 
     # -- /v1/project-quotas ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import options
 from .cache import QuotaCache
-from .engine import Admitted, Charge, QuotaEngine
+from .engine import Admitted, Charge, Demand, QuotaEngine
 from .errors import ConfigurationError, RequestError
 from .identity import Identity, IdentityFn
 from .quotas import to_store_units
@@ -79,26 +79,31 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        rule = self.rules.match(scope["method"], route_path(scope))
-        if rule is None:
+        rules = self.rules.match(scope["method"], route_path(scope))
+        if not rules:
             await self.app(scope, receive, send)
             return
+        rule = rules[0]
+        # Several rules decide together; shadow mode only when every one of them is in it.
+        shadow = rule.shadow if len(rules) == 1 else all(r.shadow for r in rules)
         try:
             project = self.identity(scope)
-            demand = rule.demand_for(scope)
+            demands = rule.demands_for(scope) if len(rules) == 1 else \
+                tuple(demand for r in rules for demand in r.demands_for(scope))
         except RequestError as exc:
-            if self.engine.shadow or rule.shadow:  # nothing to count without a project; let it through
+            if self.engine.shadow or shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
                 await self.app(scope, receive, send)
             else:
                 await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
         if rule.action == "release":
-            units = demand.cost if type(demand.cost) is int else to_store_units(demand.cost, 1)
-            await self._release(scope, receive, send, Bucket(project, demand.resource), units, rule.confirm)
+            await self._release(scope, receive, send, project, demands, any(r.confirm for r in rules))
             return
-        outcome = await self.engine.admit(project, demand, headers=scope["headers"], action=rule.action,
-                                          shadow=rule.shadow)
+        if rule.action == "meter":  # the response's bytes go to one bucket: the first rule's
+            demands = demands[:1]
+        outcome = await self.engine.admit(project, *demands, headers=scope["headers"], action=rule.action,
+                                          shadow=shadow)
         if outcome is None:
             await self.app(scope, receive, send)
         elif isinstance(outcome, Rejection):
@@ -106,11 +111,10 @@ class QuotaMiddleware:
         elif rule.action == "meter":
             await self._run_metered(scope, receive, send, outcome.charge, outcome.decision)
         else:
-            await self._run_reserved(scope, receive, send, outcome.charge, outcome.decision)
+            await self._run_reserved(scope, receive, send, outcome)
 
-    async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, charge: Charge,
-                            decision: Decision) -> None:
-        """Run the app holding a reservation; keep it only for a 2xx the client was sent."""
+    async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, admitted: Admitted) -> None:
+        """Run the app holding the reservations; keep them only for a 2xx the client was sent."""
         status = 0
         client_gone = False
 
@@ -126,10 +130,10 @@ class QuotaMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if decision.limit >= 0:  # an unlimited resource adds no headers
-                    # A failed creation is refunded, so its headers show the usage without it.
-                    used = decision.used if 200 <= status < 300 else decision.used - charge.units
-                    message = {**message, "headers": [*message.get("headers", ()), *charge.headers(decision, used)]}
+                # A failed creation is refunded, so its headers show the usage without it.
+                headers = admitted.headers(kept=200 <= status < 300)
+                if headers:  # an unlimited resource adds none
+                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
             return send(message)
 
         keep = False
@@ -137,8 +141,7 @@ class QuotaMiddleware:
             await self.app(scope, receive_watching, send_with_headers)
             keep = 200 <= status < 300 and not client_gone
         finally:
-            if decision.reservation is not None:  # admitted decisions always carry one
-                await self.engine.settle(decision.reservation, keep)
+            await self.engine.settle_all(admitted, keep)
 
     async def _run_metered(self, scope: Scope, receive: Receive, send: Send, charge: Charge,
                            decision: Decision) -> None:
@@ -161,8 +164,8 @@ class QuotaMiddleware:
             if sent:  # a metered resource counts bytes: its store unit is one byte
                 await self.engine.meter(charge.bucket, sent)
 
-    async def _release(self, scope: Scope, receive: Receive, send: Send, bucket: Bucket, units: int,
-                       confirm: bool) -> None:
+    async def _release(self, scope: Scope, receive: Receive, send: Send, project: str,
+                       demands: tuple[Demand, ...], confirm: bool) -> None:
         status = 0
         state: MutableMapping[str, Any] | None = None
         if confirm:
@@ -179,7 +182,9 @@ class QuotaMiddleware:
 
         await self.app(scope, receive, send_watching)
         if 200 <= status < 300 and (state is None or state.get(RELEASE_CONFIRMED) is True):
-            await self.engine.release(bucket, units)
+            for demand in demands:  # a release counts in store units, one per quota unit
+                units = demand.cost if type(demand.cost) is int else to_store_units(demand.cost, 1)
+                await self.engine.release(Bucket(project, demand.resource), units)
 
     async def _reject(self, send: Send, rejection: Rejection) -> None:
         rendered = self.renderer(rejection)

@@ -253,6 +253,10 @@ class QuotaCache:
         fresh = self.ttl * (1 - self.jitter * random.random())
         return _Entry(quotas, fetched_at, fetched_at + fresh, fetched_at + self.ttl + self.stale)
 
+    def forwarded(self, headers: Headers) -> Mapping[str, str]:
+        """The request headers the source needs (its credential), by name."""
+        return self._forwarded(headers)
+
     def _forwarded(self, headers: Headers) -> Mapping[str, str]:
         if not self._forward:
             return {}

@@ -10,20 +10,23 @@ local leases), the quota cache, the default limit, the failure policies, shadow 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
+from cachetools import TTLCache
+
 from . import options
 from .cache import QuotaCache
-from .errors import ConfigurationError, SourceError, SourceRejected, StoreError
+from .errors import ConfigurationError, QuotaExceeded, SourceError, SourceInvalid, SourceRejected, StoreError
 from .nowait import nowait_usable
-from .quotas import UNLIMITED, Limit, Quotas, in_quota_units, to_store_units
+from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, ratelimit_headers
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Decision, Reservation, SharedState, Store
+from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .types import METRICS_METHODS, QuotaMetricsLike, RawHeaders
@@ -32,7 +35,8 @@ from .windows import Period, current_window
 Policy = Literal["fail_closed", "fail_open"]
 #: ``consume`` reserves (then commit or refund); ``meter`` admits while usage is under the limit.
 Action = Literal["consume", "meter"]
-Number = int | float | str | Any  # a Decimal too: whatever to_store_units reads
+#: A project's parent: a function of the project id (sync or async), None for a project of its own.
+ParentFn = Callable[[str], "str | None | Awaitable[str | None]"]
 
 logger = logging.getLogger("quota_middleware")
 
@@ -64,6 +68,9 @@ class Demand(NamedTuple):
     cost: Number = 1
     #: A fixed window the caller imposes (per minute); a window the source reports takes precedence.
     period: Period | None = None
+    #: A limit of the caller's own, in quota units (a rule's ``limit=10, window="minute"``): used
+    #: instead of the source's, for this project only (a negative one: unlimited).
+    limit: int | None = None
 
 
 # Built on every guarded request, and never changed: a plain slotted class costs about 60% of a
@@ -77,10 +84,10 @@ class Charge:
     units: int
     now: float
 
-    def headers(self, decision: Decision, used: int | None = None) -> RawHeaders:
+    def headers(self, decision: Decision, used: int | None = None, name: str | None = None) -> RawHeaders:
         limit = self.limit if decision.limit == self.limit.value else replace(self.limit, value=decision.limit)
         used = decision.used if used is None else used
-        return ratelimit_headers(self.bucket.resource, limit, used, self.bucket.window, self.now)
+        return ratelimit_headers(name or self.bucket.resource, limit, used, self.bucket.window, self.now)
 
     def rejection(self, decision: Decision) -> Rejection:
         """Over quota: the limit applied may be an operator's override of the source's."""
@@ -102,10 +109,30 @@ class Charge:
 
 
 class Admitted(NamedTuple):
-    """What the store admitted: the charge, and the decision (holding a reservation, for consume)."""
+    """What the store admitted: each charge and its decision (holding a reservation, for consume)."""
 
-    charge: Charge
-    decision: Decision
+    charges: tuple[Charge, ...]
+    decisions: tuple[Decision, ...]
+
+    @property
+    def charge(self) -> Charge:
+        """The first charge (a request with one demand has only this one)."""
+        return self.charges[0]
+
+    @property
+    def decision(self) -> Decision:
+        return self.decisions[0]
+
+    @property
+    def reservations(self) -> list[Reservation]:
+        return [d.reservation for d in self.decisions if d.reservation is not None]
+
+    def headers(self, kept: bool = True) -> RawHeaders:
+        """RateLimit headers for every policy the request met; a refunded request's usage without it."""
+        if len(self.charges) == 1:
+            charge, decision = self.charges[0], self.decisions[0]
+            return charge.headers(decision, decision.used if kept else decision.used - charge.units)
+        return combined_headers(self.charges, self.decisions, refused=not kept)
 
 
 def _no_answer(*args: Any) -> None:
@@ -134,6 +161,7 @@ class QuotaEngine:
         on_source_error: Policy = "fail_closed",
         on_store_error: Policy = "fail_closed",
         retry_after: float = 5.0,
+        parent: ParentFn | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(source, QuotaSource):
@@ -177,48 +205,46 @@ class QuotaEngine:
         #: Decide and count as in enforcement, but never refuse (per rule: Rule(..., shadow=True)).
         self.shadow = shadow
         self.metrics = metrics
+        if parent is not None:
+            options.function("parent", parent, "a callable taking a project id and returning its parent's (or None)")
+        self._parent_fn = parent
+        #: project -> parent (None: none), for a cache TTL; None when no project has a parent.
+        self._parents: TTLCache[str, str | None] | None = None
+        if parent is not None or self.source.has_parents:
+            self._parents = TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock)
         data_lost = getattr(metrics, "data_lost", None)
         if callable(data_lost):
             self.store.on_data_loss(data_lost)
 
     # -- deciding -------------------------------------------------------------------------------
 
-    async def admit(self, project: str, demand: Demand, *, headers: RawHeaders = [],  # noqa: B006 - never mutated
-                    action: Action = "consume", shadow: bool = False) -> Admitted | Rejection | None:
-        """Decide one demand of ``project`` before the work it pays for is done.
+    async def admit(self, project: str, *demands: Demand, headers: RawHeaders = [],  # noqa: B006 - never mutated
+                    action: Action = "consume", shadow: bool = False,
+                    parent: str | None = None) -> Admitted | Rejection | None:
+        """Decide the demands of ``project`` before the work they pay for is done, all or nothing.
 
-        Returns what was admitted (holding a reservation, for ``consume``: settle it), the
-        Rejection to answer with, or None: go ahead uncounted (``fail_open`` while the store
-        fails). ``headers`` are the request's, read only when the source needs the caller's
-        credential. ``shadow`` (or the engine's own) decides and counts but never refuses.
+        Returns what was admitted (holding reservations, for ``consume``: settle them), the
+        Rejection to answer with (it names the limit that refused), or None: go ahead uncounted
+        (``fail_open`` while the store fails). ``headers`` are the request's, read only when the
+        source needs the caller's credential. ``shadow`` (or the engine's own) decides and counts
+        but never refuses. ``parent``: the project's parent, when the request says (else the
+        engine's ``parent`` function or the source's): every demand is charged there too.
         """
         shadow = shadow or self.shadow
+        if len(demands) != 1 or parent is not None or self._parents is not None:
+            return await self._admit_all(project, demands, headers, action, shadow, parent)
+        demand = demands[0]
         resource = demand.resource
         try:
             quotas = self.cache.fresh(project)  # a warm project: no coroutine
             if quotas is None:
                 quotas = await self.cache.get(project, headers)
             charge = self.charge(quotas, project, demand)
-        except SourceRejected as exc:
-            if shadow:  # the quota service refused the caller's credential; enforcement is not on yet
-                logger.info(SHADOW_PASSED, project, resource, exc, extra=_fields(project, resource, "shadow_passed"))
-                return None
-            return Rejection(exc.caller_status, f"Quota service refused the request: {exc}",
-                             project=project, resource=resource)
         except SourceError as exc:
-            if self.on_source_error == "fail_closed" and not shadow:
-                logger.warning("quota API failed for project %r: %s", project, exc,
-                               extra=_fields(project, resource, "failed_closed"))
-                self.record_outcome(resource, "failed_closed", project)
-                return Rejection(503, SOURCE_FAILED, project=project, resource=resource,
-                                 retry_after=exc.retry_after or self.retry_after)
-            logger.warning(FAILED_OPEN, project, resource, exc, extra=_fields(project, resource, "failed_open"))
-            self.record_outcome(resource, "failed_open", project)
-            # Still counted (in the demand's window, if it has one), so that usage stays true for when
-            # the source is back.
-            now = self.clock()
-            charge = Charge(Bucket(project, resource, current_window(demand.period, now)), Limit(UNLIMITED),
-                            _units(demand.cost, 1), now)
+            refusal = self._source_failed(exc, project, resource, shadow)
+            if not isinstance(refusal, _CountUnlimited):
+                return refusal
+            charge = self._unlimited(project, demand)
 
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
@@ -234,23 +260,130 @@ class QuotaEngine:
                             extra=_fields(project, resource, "shadow_rejected"))
                 decision = await self._decide(action, charge, UNLIMITED)
         except StoreError as exc:
-            if self.on_store_error == "fail_closed" and not shadow:
-                logger.warning("quota store failed for project %r: %s", project, exc,
-                               extra=_fields(project, resource, "failed_closed"))
-                self.record_outcome(resource, "failed_closed", project)
-                return Rejection(503, STORE_FAILED, project=project, resource=resource, retry_after=self.retry_after)
-            logger.warning(FAILED_OPEN, project, resource, exc, extra=_fields(project, resource, "failed_open"))
-            self.record_outcome(resource, "failed_open", project)
-            return None
+            return self._store_failed(exc, project, resource, shadow)
         if self.metrics is not None:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
-        return Admitted(charge, decision)
+        return Admitted((charge,), (decision,))
+
+    async def _admit_all(self, project: str, demands: Sequence[Demand], headers: RawHeaders, action: Action,
+                         shadow: bool, parent: str | None) -> Admitted | Rejection | None:
+        """Several demands, or a hierarchy: every bucket reserved in one atomic step, or none."""
+        if not demands:
+            raise ValueError("admit() needs at least one Demand")
+        if action != "consume":
+            raise ValueError("only consume demands combine; a metered request meters one resource")
+        resource = demands[0].resource
+        try:
+            charges = await self._charges(project, demands, headers, parent)
+        except SourceError as exc:
+            refusal = self._source_failed(exc, project, resource, shadow)
+            if not isinstance(refusal, _CountUnlimited):
+                return refusal
+            charges = _merged([self._unlimited(project, demand) for demand in demands])
+        claims = [Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges]
+        try:
+            decisions = await self.store.reserve_all(claims, self.lease_ms)
+            if not all(decision.admitted for decision in decisions):
+                refused = _refusing(claims, decisions)
+                charge, decision = charges[refused], decisions[refused]
+                self.record_outcome(charge.bucket.resource, "shadow_rejected" if shadow else "rejected",
+                                    charge.bucket.project)
+                rejection = charge.rejection(decision)
+                if not shadow:
+                    # The answer carries every policy the request met (RateLimit fields are lists).
+                    return replace(rejection, headers=combined_headers(charges, decisions, refused=True))
+                logger.info(SHADOW_REJECTED, charge.bucket.project, charge.bucket.resource, rejection.description,
+                            extra=_fields(charge.bucket.project, charge.bucket.resource, "shadow_rejected"))
+                decisions = await self.store.reserve_all([c._replace(limit=UNLIMITED) for c in claims],
+                                                         self.lease_ms)
+        except StoreError as exc:
+            return self._store_failed(exc, project, resource, shadow)
+        if self.metrics is not None:
+            for charge, decision in zip(charges, decisions, strict=True):
+                self.metrics.admitted(charge.bucket.resource, charge.bucket.project, decision.used, decision.limit)
+        return Admitted(tuple(charges), tuple(decisions))
+
+    async def _charges(self, project: str, demands: Sequence[Demand], headers: RawHeaders,
+                       parent: str | None) -> list[Charge]:
+        """Every bucket the demands charge: the project's, and its parent's (strict two-level:
+        a parent's limit covers its own usage and its children's); a bucket named twice once."""
+        levels = [project]
+        if parent is None:
+            parent = await self.parent_of(project, headers)
+        if parent is not None:
+            if parent == project:
+                raise SourceInvalid(f"project {project!r} is its own parent")
+            levels.append(parent)
+        charges = []
+        for level in levels:
+            quotas = self.cache.fresh(level) or await self.cache.get(level, headers)
+            # A limit written on a rule is the project's own (a rate limit): not the parent's.
+            charges += [self.charge(quotas, level, d) for d in demands if level == project or d.limit is None]
+        return _merged(charges)
+
+    async def parent_of(self, project: str, headers: RawHeaders = []) -> str | None:  # noqa: B006
+        """The project's parent: from the engine's ``parent`` function, else from the source (None:
+        a project of its own). Remembered for the cache's TTL."""
+        if self._parents is None:
+            return None
+        known = self._parents.get(project, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
+        if self._parent_fn is not None:
+            found = self._parent_fn(project)
+            parent = await found if inspect.isawaitable(found) else found
+        else:
+            parent = await self.source.parent_of(project, self.cache.forwarded(headers))
+        if parent is not None and (not isinstance(parent, str) or not parent):
+            raise SourceInvalid(f"the parent of project {project!r} is not a project id: {parent!r}")
+        self._parents[project] = parent
+        return parent
+
+    def _source_failed(self, exc: SourceError, project: str, resource: str,
+                       shadow: bool) -> Rejection | None | _CountUnlimited:
+        """The policy for a source that gave no quotas: a Rejection, None (let through uncounted),
+        or COUNT_UNLIMITED (fail open: admit, still counting)."""
+        if isinstance(exc, SourceRejected):
+            if shadow:  # the quota service refused the caller's credential; enforcement is not on yet
+                logger.info(SHADOW_PASSED, project, resource, exc, extra=_fields(project, resource, "shadow_passed"))
+                return None
+            return Rejection(exc.caller_status, f"Quota service refused the request: {exc}",
+                             project=project, resource=resource)
+        if self.on_source_error == "fail_closed" and not shadow:
+            logger.warning("quota API failed for project %r: %s", project, exc,
+                           extra=_fields(project, resource, "failed_closed"))
+            self.record_outcome(resource, "failed_closed", project)
+            return Rejection(503, SOURCE_FAILED, project=project, resource=resource,
+                             retry_after=exc.retry_after or self.retry_after)
+        logger.warning(FAILED_OPEN, project, resource, exc, extra=_fields(project, resource, "failed_open"))
+        self.record_outcome(resource, "failed_open", project)
+        return COUNT_UNLIMITED
+
+    def _unlimited(self, project: str, demand: Demand) -> Charge:
+        """Failing open: still counted (in the demand's window, if it has one), so that usage stays
+        true for when the source is back."""
+        now = self.clock()
+        return Charge(Bucket(project, demand.resource, current_window(demand.period, now)), Limit(UNLIMITED),
+                      _units(demand.cost, 1), now)
+
+    def _store_failed(self, exc: StoreError, project: str, resource: str, shadow: bool) -> Rejection | None:
+        if self.on_store_error == "fail_closed" and not shadow:
+            logger.warning("quota store failed for project %r: %s", project, exc,
+                           extra=_fields(project, resource, "failed_closed"))
+            self.record_outcome(resource, "failed_closed", project)
+            return Rejection(503, STORE_FAILED, project=project, resource=resource, retry_after=self.retry_after)
+        logger.warning(FAILED_OPEN, project, resource, exc, extra=_fields(project, resource, "failed_open"))
+        self.record_outcome(resource, "failed_open", project)
+        return None
 
     def charge(self, quotas: Quotas, project: str, demand: Demand) -> Charge:
         """The demand against the project's effective limit, in the window it counts in now."""
-        limit = quotas.limits.get(demand.resource)
-        if limit is None:
-            limit = self._unreported(demand.resource, quotas)
+        if demand.limit is not None:
+            limit = Limit(UNLIMITED if demand.limit < 0 else demand.limit)
+        else:
+            limit = quotas.limits.get(demand.resource)  # type: ignore[assignment]
+            if limit is None:
+                limit = self._unreported(demand.resource, quotas)
         now = self.clock()
         period = limit.period or demand.period
         window = None if period is None else current_window(period, now)  # None: a count quota
@@ -305,6 +438,58 @@ class QuotaEngine:
         if self.metrics is not None:
             self.metrics.decision(resource, outcome, project)
 
+    # -- from Python --------------------------------------------------------------------------
+
+    def reserve(self, project: str, deltas: Deltas, *, parent: str | None = None) -> Held:
+        """Check and reserve ``deltas`` for ``project``: an async context manager that commits when
+        its block ends and refunds when it raises; refused, it raises :class:`QuotaExceeded`.
+
+            async with engine.reserve("p1", {"servers": 1, "ram_mb": 2048}):
+                await create_server()
+        """
+        return Held(self, project, _demands(deltas), parent)
+
+    async def check(self, project: str, deltas: Deltas, *, parent: str | None = None) -> Rejection | None:
+        """Would ``deltas`` fit now? None if so, else the Rejection a reservation would get. Reserves
+        nothing: another request may take what is left before you reserve it."""
+        charges = await self._charges(project, _demands(deltas), [], parent)
+        overrides: dict[str, dict[str, int]] = {}
+        for charge in charges:
+            bucket = charge.bucket
+            if bucket.project not in overrides:
+                overrides[bucket.project] = await self.store.overrides(bucket.project)
+            limit = _applied(charge.limit, overrides[bucket.project].get(bucket.resource))
+            view = await self.store.inspect(bucket)
+            if limit >= 0 and view.used + charge.units > limit:
+                return charge.rejection(Decision(False, view.used, limit))
+        return None
+
+    async def usage(self, project: str, *, headers: RawHeaders = [],  # noqa: B006 - never mutated
+                    resources: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+        """Each resource's ``limit``, ``used``, ``reserved`` and ``remaining`` (quota units; -1 and
+        None where unlimited) and its current ``window`` (``{"start", "end"}``, None for a count
+        quota): what the source and the overrides allow, and what the store counts. ``resources``
+        are shown even where nothing mentions them."""
+        quotas = self.cache.fresh(project) or await self.cache.get(project, headers)
+        overrides = await self.store.overrides(project)
+        names = set(quotas.limits) | set(overrides) | set(resources) | {
+            v.bucket.resource for v in await self.store.buckets(project) if v.bucket.window is None}
+        now = self.clock()
+        report: dict[str, dict[str, Any]] = {}
+        for name in sorted(names):
+            limit = quotas.limits.get(name) or self._default
+            window = None if limit.period is None else current_window(limit.period, now)
+            view = await self.store.inspect(Bucket(project, name, window))
+            applied = _applied(limit, overrides.get(name))
+            report[name] = {
+                "limit": UNLIMITED if applied < 0 else in_quota_units(applied, limit.scale),
+                "used": in_quota_units(view.used, limit.scale),
+                "reserved": in_quota_units(view.reserved, limit.scale),
+                "remaining": None if applied < 0 else in_quota_units(max(0, applied - view.used), limit.scale),
+                "window": None if window is None else {"start": window.start, "end": window.end},
+            }
+        return report
+
     # -- settling -------------------------------------------------------------------------------
 
     async def settle(self, reservation: Reservation, keep: bool) -> None:
@@ -318,6 +503,11 @@ class QuotaEngine:
         except StoreError as exc:
             logger.warning(SETTLE_FAILED, reservation.bucket.project, exc,
                            extra=_fields(reservation.bucket.project, reservation.bucket.resource, "settle_failed"))
+
+    async def settle_all(self, admitted: Admitted, keep: bool) -> None:
+        """Keep or give back every reservation of an admitted request, together."""
+        for reservation in admitted.reservations:
+            await self.settle(reservation, keep)
 
     async def release(self, bucket: Bucket, units: int) -> None:
         """Give ``units`` back after a delete, never below zero (a store failure is logged)."""
@@ -351,3 +541,91 @@ def _units(cost: Number, scale: int) -> int:
 def _fields(project: str | None, resource: str | None, outcome: str) -> dict[str, Any]:
     """Log record fields (``extra``) that a structured log handler can index."""
     return {"quota_project": project, "quota_resource": resource, "quota_outcome": outcome}
+
+
+Deltas = Mapping[str, Number] | Sequence[Demand]
+
+
+def _demands(deltas: Deltas) -> tuple[Demand, ...]:
+    """``{"servers": 1, "ram_mb": 2048}`` (or Demands) as Demands, their costs checked."""
+    demands = tuple(Demand(name, cost) for name, cost in deltas.items()) if isinstance(deltas, Mapping) \
+        else tuple(deltas)
+    if not demands:
+        raise ValueError("nothing to reserve: give at least one resource")
+    for demand in demands:
+        if not isinstance(demand, Demand) or not isinstance(demand.resource, str) or not demand.resource:
+            raise ValueError(f"not a resource and its cost: {demand!r}")
+        to_store_units(demand.cost, 1)  # a ValueError for a cost that is not a number >= 0
+    return demands
+
+
+def _applied(limit: Limit, override: int | None) -> int:
+    """The limit a decision applies, in store units: an operator's override wins (see Store.reserve)."""
+    if override is None:
+        return limit.value
+    return UNLIMITED if override < 0 else override * limit.scale
+
+
+class Held:
+    """``async with engine.reserve(...)``: reserved on entry, committed or refunded on exit."""
+
+    def __init__(self, engine: QuotaEngine, project: str, demands: tuple[Demand, ...], parent: str | None) -> None:
+        self._engine = engine
+        self._project = project
+        self._demands = demands
+        self._parent = parent
+        self.admitted: Admitted | None = None
+
+    async def __aenter__(self) -> Admitted | None:
+        """What was admitted (None: let through uncounted, failing open)."""
+        outcome = await self._engine.admit(self._project, *self._demands, parent=self._parent)
+        if isinstance(outcome, Rejection):
+            raise QuotaExceeded(outcome)
+        self.admitted = outcome
+        return outcome
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.admitted is not None:
+            await self._engine.settle_all(self.admitted, keep=kind is None)
+
+
+class _CountUnlimited:
+    """What _source_failed answers for "fail open: admit, counting against no limit"."""
+
+
+COUNT_UNLIMITED = _CountUnlimited()
+_UNKNOWN = object()
+
+
+def _merged(charges: list[Charge]) -> list[Charge]:
+    """One charge per bucket: a bucket two demands name is charged their sum, and decided once."""
+    by_bucket: dict[Bucket, Charge] = {}
+    for charge in charges:
+        seen = by_bucket.get(charge.bucket)
+        by_bucket[charge.bucket] = charge if seen is None else Charge(seen.bucket, seen.limit,
+                                                                      seen.units + charge.units, seen.now)
+    return list(by_bucket.values())
+
+
+def _refusing(claims: Sequence[Claim], decisions: Sequence[Decision]) -> int:
+    """Which claim's limit refused an all-or-nothing decision (the first, if several did)."""
+    for i, (claim, decision) in enumerate(zip(claims, decisions, strict=True)):
+        if decision.limit >= 0 and decision.used + claim.cost > decision.limit:
+            return i
+    return 0
+
+
+def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *, refused: bool = False) -> RawHeaders:
+    """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy."""
+    policies: list[bytes] = []
+    states: list[bytes] = []
+    own = charges[0].bucket.project
+    for charge, decision in zip(charges, decisions, strict=True):
+        used = decision.used - charge.units if refused and decision.admitted else decision.used
+        bucket = charge.bucket  # a parent's policy is named with its project: "acme/servers"
+        policy = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
+        for name, value in charge.headers(decision, used, policy):
+            (policies if name == b"ratelimit-policy" else states).append(value)
+    if not policies:
+        return []
+    return [(b"ratelimit-policy", b", ".join(policies)), (b"ratelimit", b", ".join(states))]

@@ -10,7 +10,8 @@ Runtime failures share one root; configuration mistakes stand apart::
     │   ├── SourceUnavailable   network error, timeout, 5xx, 429 (retry later)
     │   ├── SourceRejected      401/403/404: the upstream refused this caller (never cached)
     │   └── SourceInvalid       the upstream answered something that is not a quota document
-    └── StoreError              Redis (or another store) failed or timed out
+    ├── StoreError              Redis (or another store) failed or timed out
+    └── QuotaExceeded           raised by QuotaEngine.reserve() alone: the quota refused
 
     ConfigurationError          the middleware was set up wrong (raised at start-up)
 
@@ -18,6 +19,8 @@ Runtime failures share one root; configuration mistakes stand apart::
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class QuotaError(Exception):
@@ -66,6 +69,16 @@ class SourceRejected(SourceError):
 
 class SourceInvalid(SourceError):
     """The upstream answered, but not with a quota document of the expected shape."""
+
+
+class QuotaExceeded(QuotaError):
+    """A refusal, as an exception: for ``async with engine.reserve(...)``, which has no answer to
+    return. ``rejection`` says which limit refused (the middleware never raises it)."""
+
+    def __init__(self, rejection: Any) -> None:
+        super().__init__(rejection.description)
+        #: The middleware.rendering.Rejection the middleware would have answered with.
+        self.rejection = rejection
 
 
 class StoreError(QuotaError):

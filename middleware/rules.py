@@ -8,9 +8,9 @@ a few dict lookups and one failed regex match (a path without parameters is foun
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .engine import Demand
 from .errors import ConfigurationError, CostError, RequestError
@@ -25,6 +25,21 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CostFn = Callable[[Scope], Number]
 #: A resource name computed from the request (e.g. from a region header).
 ResourceFn = Callable[[Scope], str]
+
+
+def _check_cost(cost: Number | CostFn, what: str) -> None:
+    if not callable(cost):
+        try:
+            to_store_units(cost, 1)
+        except ValueError as exc:
+            raise ConfigurationError(f"{what}: {exc}") from None
+
+
+def _whole(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not
+                                                                          value.lstrip("-").isdigit()):
+        raise ConfigurationError(f"{what} must be a whole number of quota units (-1: unlimited), got {value!r}")
+    return int(value)
 
 
 def cost_of(cost: Number | CostFn, scope: Scope) -> Number:
@@ -53,11 +68,17 @@ class Rule:
     units (fractions allowed, e.g. ``0.5`` credits) or a callable of the ASGI scope. ``window``
     makes the quota rate-like: ``"minute"``, ``"hour"``, ``"day"``, ``"month"`` or seconds; a window
     the source reports (a billing period) takes precedence.
+
+    ``charges={"containers": 1, "secrets": count_fn}`` charges several resources instead of one
+    (each with its cost). ``limit`` writes the limit on the rule instead of asking the source:
+    ``limit=10, window="minute"``, or the short form ``limit="10/minute"``. Every rule that
+    matches a request applies (all of its charges decided together, all or nothing): a rate limit
+    beside a count quota is two rules on one route.
     """
 
     method: str
     path: str
-    resource: str | ResourceFn
+    resource: str | ResourceFn | None = None
     cost: Number | CostFn = 1
     action: Action = "consume"
     window: str | float | Period | None = None
@@ -66,11 +87,19 @@ class Rule:
     #: ``release`` only: give quota back only when the app confirms that it deleted something
     #: (:func:`confirm_release`), not on every 2xx (idempotent deletes answer 204 for any id).
     confirm: bool = False
+    #: A limit of the rule's own, in quota units (or "N/window"); None: the source's.
+    limit: int | str | None = None
+    #: Several resources at once: name -> cost (a number or a callable of the scope).
+    charges: Mapping[str, Number | CostFn] | None = None
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    #: The whole template, to tell which of the rules a request matched.
+    _full: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     #: ``window`` parsed (None: a count quota, unless the source reports a window).
     period: Period | None = field(default=None, init=False, repr=False, compare=False)
-    #: What every request of the rule asks for, when neither resource nor cost depends on it.
-    demand: Demand | None = field(default=None, init=False, repr=False, compare=False)
+    #: What every request of the rule asks for, when neither resources nor costs depend on it.
+    demands: tuple[Demand, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    #: ``limit`` parsed: quota units (None: the source's).
+    static_limit: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", self.method.upper())
@@ -78,26 +107,46 @@ class Rule:
             raise ConfigurationError(f"rule path must start with '/': {self.path!r}")
         if "{" in _PLACEHOLDER.sub("", self.path) or "}" in _PLACEHOLDER.sub("", self.path):
             raise ConfigurationError(f"rule path has a malformed placeholder: {self.path!r}")
-        if not self.resource:
+        if self.charges is not None:
+            if self.resource is not None:
+                raise ConfigurationError(f"rule {self.method} {self.path}: pass resource (and cost) or charges, "
+                                         "not both")
+            if not self.charges or not all(isinstance(name, str) and name for name in self.charges):
+                raise ConfigurationError(f"rule {self.method} {self.path}: charges must name resources")
+            for name, cost in self.charges.items():
+                _check_cost(cost, f"rule charge {name!r}")
+        elif not self.resource:
             raise ConfigurationError("rule resource must not be empty")
-        names = set() if callable(self.resource) else set(_PLACEHOLDER.findall(self.resource))
+        names = set() if callable(self.resource) or self.resource is None else set(_PLACEHOLDER.findall(self.resource))
         if not names <= set(_PLACEHOLDER.findall(self.path)):
             raise ConfigurationError(f"rule resource {self.resource!r} names parameters the path does not have")
         if names:
             object.__setattr__(self, "_pattern", re.compile(self.pattern(named=True) + "/?"))
-        if not callable(self.cost):
-            try:
-                to_store_units(self.cost, 1)
-            except ValueError as exc:
-                raise ConfigurationError(f"rule cost: {exc}") from None
+        _check_cost(self.cost, "rule cost")
+        object.__setattr__(self, "_full", re.compile(self.pattern() + "/?"))
         if self.action not in _ACTIONS:
             raise ConfigurationError(f"rule action must be one of {_ACTIONS}, got {self.action!r}")
+        if isinstance(self.limit, str):  # "10/minute"
+            count, _, per = self.limit.partition("/")
+            if not per or self.window is not None:
+                raise ConfigurationError(f"rule limit {self.limit!r}: write 'N/window' (e.g. '10/minute'), "
+                                         f"or limit=N with window=...")
+            object.__setattr__(self, "window", per.strip())
+            object.__setattr__(self, "static_limit", _whole(count.strip(), "rule limit"))
+        elif self.limit is not None:
+            object.__setattr__(self, "static_limit", _whole(self.limit, "rule limit"))
+        if self.static_limit is not None and self.action == "meter":
+            raise ConfigurationError("a metered rule's limit comes from the source (traffic quotas)")
         if self.window is not None:
             object.__setattr__(self, "period", Period.parse(self.window))
         if self.confirm and self.action != "release":
             raise ConfigurationError(f"confirm=True is for release rules; {self.method} {self.path} is {self.action!r}")
-        if not callable(self.cost) and isinstance(self.resource, str) and self._pattern is None:
-            object.__setattr__(self, "demand", Demand(self.resource, self.cost, self.period))
+        costs: Mapping[str, Number | CostFn] | None = self.charges
+        if costs is None and isinstance(self.resource, str) and self._pattern is None:
+            costs = {self.resource: self.cost}
+        if costs is not None and not any(callable(cost) for cost in costs.values()):
+            object.__setattr__(self, "demands", tuple(Demand(name, cast(Number, cost), self.period, self.static_limit)
+                                                      for name, cost in costs.items()))
 
     def pattern(self, named: bool = False) -> str:
         """The template as a regex fragment; a trailing slash is optional."""
@@ -109,6 +158,8 @@ class Rule:
 
     def resource_for(self, scope: Scope) -> str:
         """The resource this request counts against (path parameters filled in)."""
+        if self.resource is None:
+            raise RequestError("This rule charges several resources (charges=...), not one.")
         if callable(self.resource):
             resource = self.resource(scope)
             if not isinstance(resource, str) or not resource:
@@ -120,11 +171,14 @@ class Rule:
         params = match.groupdict() if match else {}
         return _PLACEHOLDER.sub(lambda m: params.get(m.group(1), ""), self.resource)
 
-    def demand_for(self, scope: Scope) -> Demand:
+    def demands_for(self, scope: Scope) -> tuple[Demand, ...]:
         """What this request asks for (raises a RequestError for a request that cannot say)."""
-        if self.demand is not None:
-            return self.demand
-        return Demand(self.resource_for(scope), cost_of(self.cost, scope), self.period)
+        if self.demands is not None:
+            return self.demands
+        if self.charges is not None:
+            return tuple(Demand(name, cost_of(cost, scope), self.period, self.static_limit)
+                         for name, cost in self.charges.items())
+        return (Demand(self.resource_for(scope), cost_of(self.cost, scope), self.period, self.static_limit),)
 
 
 #: Where :func:`confirm_release` leaves its mark: the request's ``scope["state"]``.
@@ -159,7 +213,12 @@ def route_path(scope: Scope) -> str:
 
 
 class RuleTable:
-    """Finds the first rule that matches a request; compiled once."""
+    """Finds the rules that match a request; compiled once.
+
+    A request no rule guards costs a dict lookup and one failed regex match. Every rule that
+    matches applies, if it has the action of the first one (a request is consumed, released or
+    metered: not two of these at once).
+    """
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         by_method: dict[str, list[Rule]] = {}
@@ -167,35 +226,43 @@ class RuleTable:
             if not isinstance(rule, Rule):
                 raise ConfigurationError(f"expected a Rule, got {rule!r}")
             by_method.setdefault(rule.method, []).append(rule)
-        self._table: dict[str, tuple[re.Pattern[str], tuple[Rule, ...]]] = {}
+        self._table: dict[str, tuple[re.Pattern[str], tuple[Rule, ...], tuple[tuple[Rule], ...]]] = {}
         for method, method_rules in by_method.items():
             alternatives = "|".join(f"({rule.pattern()})" for rule in method_rules)
-            self._table[method] = (re.compile(f"(?:{alternatives})/?"), tuple(method_rules))
+            self._table[method] = (re.compile(f"(?:{alternatives})/?"), tuple(method_rules),
+                                   tuple((rule,) for rule in method_rules))
         self.rules = tuple(rule for group in by_method.values() for rule in group)
-        # A path with no parameters is looked up before any regex runs, with the answer the regex
-        # gives for it (an earlier template may claim the same path).
-        self._exact: dict[str, dict[str, Rule]] = {}
+        # A path with no parameters is looked up before any regex runs, with the answer the
+        # regexes give for it (a template may claim the same path).
+        self._exact: dict[str, dict[str, tuple[Rule, ...]]] = {}
         for rule in self.rules:
             if "{" not in rule.path:
                 base = rule.path.rstrip("/")
                 for path in (base or "/", base + "/"):
                     found = self._match_pattern(rule.method, path)
-                    if found is not None:
+                    if found:
                         self._exact.setdefault(rule.method, {})[path] = found
 
-    def match(self, method: str, path: str) -> Rule | None:
+    def match(self, method: str, path: str) -> tuple[Rule, ...]:
+        """The rules that apply to ``method path``, in their order (empty: an unguarded request)."""
         exact = self._exact.get(method)
         if exact is not None:
-            rule = exact.get(path)
-            if rule is not None:
-                return rule
+            rules = exact.get(path)
+            if rules is not None:
+                return rules
         return self._match_pattern(method, path)
 
-    def _match_pattern(self, method: str, path: str) -> Rule | None:
+    def _match_pattern(self, method: str, path: str) -> tuple[Rule, ...]:
         entry = self._table.get(method)
         if entry is None:
-            return None
+            return ()
         match = entry[0].fullmatch(path)
         if match is None:
-            return None
-        return entry[1][match.lastindex - 1]  # type: ignore[operator]
+            return ()
+        index = match.lastindex - 1  # type: ignore[operator]
+        first = entry[1][index]
+        if len(entry[1]) == 1:
+            return entry[2][index]
+        found = tuple(rule for rule in entry[1][index:] if rule.action == first.action
+                      and rule._full is not None and rule._full.fullmatch(path))
+        return entry[2][index] if len(found) == 1 else found

@@ -355,3 +355,30 @@ async def test_two_workers_over_one_redis_see_a_change_on_their_next_request(
             await s.aclose()
         for client in clients:
             await client.aclose()
+
+
+# -- usage for clients ------------------------------------------------------------------------------
+
+async def test_usage_of_the_caller_and_of_any_project(store: Store, clock: FakeClock) -> None:
+    from middleware import Demand, Limit, Period, QuotaEngine
+
+    source = StaticSource({"secrets": 3, "calls": Limit(10, period=Period.parse("minute"))})
+    engine = QuotaEngine(source=source, store=store, clock=clock)
+    async with engine.reserve("p", [Demand("secrets", 2), Demand("calls", 4, Period.parse("minute"))]):
+        pass
+    await store.flush()
+    admin = QuotaAdmin(store, source=source, resources=["secrets", "orders"], clock=clock)
+    async with client_for(admin) as client:
+        mine = await client.get("/v1/usage", headers={"X-Project-Id": "p"})
+        other = await client.get("/v1/project-usage/p")
+        nobody = await client.get("/v1/project-usage/q")
+        assert_error(await client.get("/v1/usage"), 401)
+        assert_error(await client.get("/v1/project-usage/%20bad"), 400)
+    assert mine.status_code == 200 and mine.json() == other.json()
+    usage = mine.json()["usage"]
+    assert list(usage) == ["secrets", "orders", "calls"]  # configured resources first
+    assert usage["secrets"] == {"limit": 3, "used": 2, "reserved": 0, "remaining": 1, "window": None, "reset": None}
+    assert usage["orders"]["limit"] == -1 and usage["orders"]["remaining"] is None
+    assert usage["calls"]["used"] == 4 and usage["calls"]["remaining"] == 6
+    assert usage["calls"]["reset"].endswith("Z") and usage["calls"]["window"]["end"] > clock()
+    assert nobody.json()["usage"]["secrets"]["used"] == 0

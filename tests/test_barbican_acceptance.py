@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -64,16 +65,17 @@ async def test_rejection_is_barbican_shaped_and_names_project_resource_and_limit
     body = response.json()
     assert body["code"] == 403 and body["title"] == "Forbidden"
     assert "p1" in body["description"] and "secrets" in body["description"] and "1" in body["description"]
-    assert response.headers["ratelimit-policy"] == '"secrets";q=1'
-    assert response.headers["ratelimit"] == '"secrets";r=0'
+    # Both policies the create met: the quota, and the example's rate written on its rule.
+    assert response.headers["ratelimit-policy"] == '"secrets";q=1, "secrets:per-minute";q=6000;w=60'
+    assert re.fullmatch(r'"secrets";r=0, "secrets:per-minute";r=5999;t=\d+', response.headers["ratelimit"])
 
 
 async def test_admitted_response_carries_ratelimit_headers(client: httpx.AsyncClient) -> None:
     response = await create(client, "secrets", "p2", token(5))
     assert response.status_code == 201
     assert response.headers["location"] == response.json()["secret_ref"]
-    assert response.headers["ratelimit-policy"] == '"secrets";q=5'
-    assert response.headers["ratelimit"] == '"secrets";r=4'
+    assert response.headers["ratelimit-policy"] == '"secrets";q=5, "secrets:per-minute";q=6000;w=60'
+    assert re.fullmatch(r'"secrets";r=4, "secrets:per-minute";r=5999;t=\d+', response.headers["ratelimit"])
 
 
 async def test_delete_gives_quota_back(client: httpx.AsyncClient) -> None:

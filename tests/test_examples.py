@@ -16,9 +16,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.mark.parametrize(("module", "expected"), [
-    ("examples.demo", ["-> 400", "-> 403", "-> 204", "-> 401", "secrets allows 5, 5 already in use"]),
+    ("examples.demo", ["-> 400", "-> 403", "-> 204", "-> 401", "secrets allows 5, 5 already in use",
+                       '"secrets";q=5, "secrets:per-minute";q=30;w=60']),
     ("examples.credits_gate", ["-> 429", "allows 100 credits per window"]),
     ("examples.traffic_gate", ["5,000,000 bytes", "-> 429", "allows 20 TB per window"]),
+    ("examples.org_cap", ["-> 202", '"servers";r=9, "acme/servers";r=0', "project acme: servers allows 5, 5 already"]),
 ])
 def test_demo_runs_without_a_server(module: str, expected: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=60,

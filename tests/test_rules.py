@@ -1,4 +1,4 @@
-"""Which rule guards a request: the first that matches, by method and path template."""
+"""Which rules guard a request: every rule that matches, by method and path template, in order."""
 
 from __future__ import annotations
 
@@ -8,12 +8,27 @@ from middleware import Rule
 from middleware.rules import RuleTable
 
 
-def test_the_first_matching_rule_wins_whether_or_not_its_path_has_parameters() -> None:
+def resources(table: RuleTable, method: str, path: str) -> list[str | None]:
+    return [rule.resource for rule in table.match(method, path)]  # type: ignore[misc]
+
+
+def test_every_matching_rule_applies_in_order_whether_or_not_its_path_has_parameters() -> None:
     template_first = RuleTable([Rule("POST", "/v1/{kind}", "by-kind"), Rule("POST", "/v1/secrets", "secrets")])
-    assert template_first.match("POST", "/v1/secrets").resource == "by-kind"  # type: ignore[union-attr]
+    assert resources(template_first, "POST", "/v1/secrets") == ["by-kind", "secrets"]
+    assert resources(template_first, "POST", "/v1/secrets/") == ["by-kind", "secrets"]
+    assert resources(template_first, "POST", "/v1/orders") == ["by-kind"]
     exact_first = RuleTable([Rule("POST", "/v1/secrets", "secrets"), Rule("POST", "/v1/{kind}", "by-kind")])
-    assert exact_first.match("POST", "/v1/secrets").resource == "secrets"  # type: ignore[union-attr]
-    assert exact_first.match("POST", "/v1/orders").resource == "by-kind"  # type: ignore[union-attr]
+    assert resources(exact_first, "POST", "/v1/secrets") == ["secrets", "by-kind"]
+    assert resources(exact_first, "POST", "/v1/orders") == ["by-kind"]
+    assert resources(exact_first, "POST", "/v2/orders") == []
+
+
+def test_rules_of_another_action_than_the_first_match_do_not_apply() -> None:
+    table = RuleTable([Rule("DELETE", "/v1/secrets/{id}", "secrets", action="release"),
+                       Rule("DELETE", "/v1/{kind}/{id}", "anything"), Rule("DELETE", "/v1/secrets/{x}", "also",
+                                                                           action="release")])
+    assert resources(table, "DELETE", "/v1/secrets/1") == ["secrets", "also"]
+    assert resources(table, "DELETE", "/v1/orders/1") == ["anything"]
 
 
 @pytest.mark.parametrize(("method", "path", "resource"), [
@@ -31,5 +46,4 @@ def test_the_first_matching_rule_wins_whether_or_not_its_path_has_parameters() -
 def test_method_and_path_select_the_rule(method: str, path: str, resource: str | None) -> None:
     table = RuleTable([Rule("post", "/v1/secrets/", "secrets"), Rule("GET", "/v1/secrets", "listing"),
                        Rule("DELETE", "/v1/secrets/{id}", "secrets", action="release"), Rule("POST", "/", "root")])
-    rule = table.match(method, path)
-    assert (rule.resource if rule else None) == resource
+    assert resources(table, method, path) == ([] if resource is None else [resource])

@@ -8,7 +8,7 @@ import pytest
 
 from middleware import Bucket, BucketUsage, Decision, MemoryStore, RedisStore, Store, StoreError
 from middleware.keys import counter_keys
-from middleware.stores.base import WINDOW_GRACE_MS
+from middleware.stores.base import WINDOW_GRACE_MS, Claim
 from middleware.stores.memory import SWEEP_EVERY_MS
 from middleware.windows import Period
 from tests.conftest import FakeClock
@@ -356,3 +356,54 @@ async def test_every_bucket_of_a_project_is_listed_with_its_window(store: Store,
     assert [v.bucket.window for v in views[1:]] == [None, None]
     assert [v.used for v in await store.buckets("project-b")] == [7]
     assert await store.buckets("nobody") == []
+
+
+# -- several buckets, one decision: all or nothing ---------------------------------------------------
+
+def refusing(claims: list[Claim], decisions: list[Decision]) -> list[str]:
+    """The resources whose limit refused (a claim that did not fit)."""
+    return [c.bucket.resource for c, d in zip(claims, decisions, strict=True)
+            if d.limit >= 0 and d.used + c.cost > d.limit]
+
+
+async def test_several_buckets_are_reserved_together_or_not_at_all(store: Store) -> None:
+    count, rate, cap = Bucket("p", "secrets"), Bucket("p", "secrets:minute"), Bucket("org", "secrets")
+    claims = [Claim(count, 1, 3), Claim(rate, 1, 10), Claim(cap, 2, 5)]
+    first = await store.reserve_all(claims, LEASE)
+    assert [d.admitted for d in first] == [True] * 3 and [d.used for d in first] == [1, 1, 2]
+    second = await store.reserve_all(claims, LEASE)
+    assert all(d.admitted for d in second)
+    third = await store.reserve_all(claims, LEASE)  # the cap: 4 + 2 > 5
+    assert not any(d.admitted for d in third) and all(d.reservation is None for d in third)
+    assert refusing(claims, third) == ["secrets"] and third[2].limit == 5
+    await store.flush()
+    # Nothing of the refused decision is held anywhere.
+    assert [await store.usage(b) for b in (count, rate, cap)] == [2, 2, 4]
+    for decision in first:
+        assert decision.reservation
+        await store.refund(decision.reservation)
+    for decision in second:
+        assert decision.reservation
+        await store.commit(decision.reservation)
+    await store.flush()
+    assert [await store.usage(b) for b in (count, rate, cap)] == [1, 1, 2]
+
+
+async def test_a_group_refused_by_its_first_bucket_takes_nothing_from_the_others(store: Store) -> None:
+    a, b = Bucket("p", "a"), Bucket("p", "b")
+    claims = [Claim(a, 1, 0), Claim(b, 1, 10)]  # a is disabled
+    decisions = await store.reserve_all(claims, LEASE)
+    assert not any(d.admitted for d in decisions) and refusing(claims, decisions) == ["a"]
+    await store.flush()
+    assert await store.usage(b) == 0
+
+
+async def test_concurrent_groups_never_pass_any_limit(store: Store) -> None:
+    count, cap = Bucket("p", "things"), Bucket("org", "things")
+    claims = [Claim(count, 1, 7), Claim(cap, 1, 5)]
+    single = [Claim(cap, 1, 5)]
+    results = await asyncio.gather(*(store.reserve_all(claims if i % 2 else single, LEASE) for i in range(40)))
+    admitted = [r for r in results if all(d.admitted for d in r)]
+    assert len(admitted) == 5
+    await store.flush()
+    assert await store.usage(cap) == 5 and await store.usage(count) == sum(len(r) == 2 for r in admitted)

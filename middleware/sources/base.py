@@ -33,6 +33,13 @@ class QuotaSource(ABC):
     async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
         """Effective quotas of ``project``; ``headers`` holds the ``forward_headers`` present."""
 
+    #: True for a source that knows projects' parents (parent_of answers).
+    has_parents: bool = False
+
+    async def parent_of(self, project: str, headers: Mapping[str, str]) -> str | None:
+        """The project's parent in a hierarchy (Keystone's parent project), None for a top-level one."""
+        return None
+
     def fetch_nowait(self, project: str) -> Quotas | None:
         """``fetch`` for a source that answers from memory, with no I/O; None: await ``fetch``."""
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 from ..keys import member
@@ -45,6 +45,15 @@ class Reservation(NamedTuple):
     member: str
     #: Epoch milliseconds after which the store may give the reservation back by itself.
     expires_ms: int
+
+
+class Claim(NamedTuple):
+    """One bucket a decision must reserve in: ``cost`` store units against ``limit`` (see reserve)."""
+
+    bucket: Bucket
+    cost: int
+    limit: int
+    scale: int = 1
 
 
 class Decision(NamedTuple):
@@ -113,6 +122,15 @@ class Store(ABC):
 
         An override set for the bucket's project and resource replaces ``limit`` (its value is in
         quota units: ``scale`` store units each); the decision carries the limit applied.
+        """
+
+    @abstractmethod
+    async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        """Reserve in every bucket or in none, atomically: one decision per claim, in order.
+
+        Admitted only when every claim fits (each decision then holds its reservation). When one
+        does not, nothing is held anywhere; a claim that did not fit is one whose ``used + cost``
+        exceeds its (applied) ``limit``. Buckets must be distinct (the engine sums repeats).
         """
 
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from cachetools import LRUCache
 
 from ..errors import StoreError
 from ..nowait import nowait_usable
-from .base import Bucket, BucketUsage, Decision, Reservation, Store, new_id
+from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store, new_id
 
 logger = logging.getLogger("quota_middleware.store")
 
@@ -215,6 +215,10 @@ class LeasingStore(Store):
         """The store counts a block whole while it is open: what its requests have not taken is not in use."""
         held = sum(b.available for b in self._unsettled.values() if b.bucket == view.bucket)
         return view._replace(used=max(0, view.used - held), reserved=max(0, view.reserved - held))
+
+    async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        # Several buckets at once are decided in the store: a block admits one bucket's requests.
+        return await self.inner.reserve_all(claims, lease_ms)
 
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
         return await self.inner.check(bucket, limit, scale)

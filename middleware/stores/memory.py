@@ -8,9 +8,9 @@ ASGI apps run on one loop.)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from .base import Bucket, BucketUsage, Decision, Reservation, Store, new_member
+from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store, new_member
 
 #: How often (in the store's clock, ms) buckets of windows that are over are dropped.
 SWEEP_EVERY_MS = 60_000
@@ -84,10 +84,27 @@ class MemoryStore(Store):
             used = self._purge(bucket, now)
             if limit < used + cost:
                 return Decision(False, used, limit)
+        return self._take(bucket, cost, limit, used, now + lease_ms)
+
+    async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        now = self._now_ms()
+        decisions = []
+        for claim in claims:  # every bucket checked before any is touched: all or nothing
+            limit = self._effective(claim.bucket, claim.limit, claim.scale)
+            used = self._used.get(claim.bucket, 0)
+            if 0 <= limit < used + claim.cost:
+                used = self._purge(claim.bucket, now)
+            decisions.append(Decision(limit < 0 or used + claim.cost <= limit, used, limit))
+        if not all(decision.admitted for decision in decisions):
+            return [decision._replace(admitted=False) for decision in decisions]
+        return [self._take(claim.bucket, claim.cost, decision.limit, decision.used, now + lease_ms)
+                for claim, decision in zip(claims, decisions, strict=True)]
+
+    def _take(self, bucket: Bucket, cost: int, limit: int, used: int, expires_ms: int) -> Decision:
         used += cost
         self._used[bucket] = used
-        reservation = Reservation(bucket, cost, new_member(cost), now + lease_ms)
-        self._leases.setdefault(bucket, {})[reservation.member] = (reservation.expires_ms, cost)
+        reservation = Reservation(bucket, cost, new_member(cost), expires_ms)
+        self._leases.setdefault(bucket, {})[reservation.member] = (expires_ms, cost)
         return Decision(True, used, limit, reservation)
 
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:

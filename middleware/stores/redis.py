@@ -40,6 +40,7 @@ from ..keys import (
     commits_key,
     counter_keys,
     escape,
+    member,
     member_cost,
     overridden_projects_key,
     overrides_key,
@@ -53,6 +54,7 @@ from .base import (
     WINDOW_GRACE_MS,
     Bucket,
     BucketUsage,
+    Claim,
     Decision,
     Reservation,
     SharedPart,
@@ -80,6 +82,9 @@ OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").re
 LOAD_BATCH_SCRIPT = pack_command(cast(Any, ("SCRIPT", "LOAD", BATCH_SCRIPT)))  # hiredis's stub: a 1-tuple
 # What an operation does, as batch.lua knows it: one letter on the wire (see the script's header).
 RESERVE, COMMIT, REFUND, RELEASE, USAGE = "r", "c", "f", "l", "u"
+#: A reserve in a group: consecutive ones sharing a reservation id are all or nothing.
+RESERVE_IN_GROUP = "g"
+RESERVING = (RESERVE, RESERVE_IN_GROUP)
 SET_USAGE, COMMITS, METER, CHARGE, SEED = "s", "k", "m", "a", "x"
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
@@ -113,7 +118,19 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
         scale: int = 1) -> _Op:
     keys, field = _keys(prefix, bucket)
     return _Op(keys, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, scale,
-               field if kind in (RESERVE, METER) else "-", future, retry_since)
+               field if kind in (RESERVE, RESERVE_IN_GROUP, METER) else "-", future, retry_since)
+
+
+def _refused(claim: Claim, decision: Decision | None) -> Decision:
+    """A claim of a group that was refused: not admitted, its usage without this request."""
+    if decision is None:  # in a slot never asked
+        return Decision(False, 0, claim.limit)
+    used = decision.used - claim.cost if decision.admitted else decision.used
+    return Decision(False, used, decision.limit)
+
+
+def _group(op: _Op) -> str:
+    return op.member.rpartition(":")[0]
 
 
 @functools.lru_cache(maxsize=16_384)
@@ -190,6 +207,53 @@ class RedisStore(Store, SharedState):
         if flag != 1:
             return Decision(False, used, limit)
         return Decision(True, used, limit, Reservation(bucket, cost, member, lease_until))
+
+    async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        if len(claims) == 1:
+            claim = claims[0]
+            return [await self.reserve(claim.bucket, claim.cost, claim.limit, lease_ms, claim.scale)]
+        if self._cluster and len({self._slot(claim.bucket) for claim in claims}) > 1:
+            return await self._reserve_slot_by_slot(claims, lease_ms)
+        # One group in one script call: consecutive in the queue (nothing awaits in between), and
+        # never split between calls (see _take).
+        group, lease_until = new_id(), int(self._clock() * 1000) + lease_ms
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[tuple[int, int, int]]] = []
+        for claim in claims:
+            futures.append(loop.create_future())
+            self._enqueue(_op(self.prefix, claim.bucket, RESERVE_IN_GROUP, claim.cost, claim.limit,
+                              member(group, claim.cost), lease_until, futures[-1], scale=claim.scale))
+        answers = await asyncio.gather(*futures)
+        admitted = all(flag == 1 for flag, _, _ in answers)
+        return [Decision(admitted, used, limit,
+                         Reservation(claim.bucket, claim.cost, member(group, claim.cost), lease_until) if admitted
+                         else None)
+                for claim, (flag, used, limit) in zip(claims, answers, strict=True)]
+
+    async def _reserve_slot_by_slot(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        """Buckets in several hash slots (a child and its parent on a cluster): no script can touch
+        them all, so each slot's claims are reserved together, one slot after another, and a slot
+        that refuses has the slots before it given back. Nothing is ever admitted past a limit; a
+        request racing this one may be refused for a moment by a reservation about to be given
+        back (a cost of spanning slots that one slot per tree would avoid)."""
+        by_slot: dict[int, list[int]] = {}
+        for i, claim in enumerate(claims):
+            by_slot.setdefault(self._slot(claim.bucket), []).append(i)
+        decisions: list[Decision | None] = [None] * len(claims)
+        taken: list[Reservation] = []
+        for indexes in by_slot.values():
+            answers = await self.reserve_all([claims[i] for i in indexes], lease_ms)
+            for i, decision in zip(indexes, answers, strict=True):
+                decisions[i] = decision
+            if not all(decision.admitted for decision in answers):
+                for reservation in taken:
+                    self.settle_nowait(reservation, False)
+                return [_refused(claim, decision) for claim, decision in zip(claims, decisions, strict=True)]
+            taken += [decision.reservation for decision in answers if decision.reservation is not None]
+        return [decision for decision in decisions if decision is not None]
+
+    def _slot(self, bucket: Bucket) -> int:
+        return key_slot(_keys(self.prefix, bucket)[0][0].encode())
 
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
         flag, used, limit = await self._call(bucket, METER, 0, limit, scale=scale)
@@ -352,23 +416,30 @@ class RedisStore(Store, SharedState):
         # in that tick, and during each round trip, travels together.
         if self._cluster:
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                batch = self._take(MAX_BATCH)
                 await asyncio.gather(*(self._send_bounded(group) for group in self._by_slot(batch)))
             return
         if self.pipeline == 1:  # one call at a time: no task of its own per call
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                await self._send(batch)
+                await self._send(self._take(MAX_BATCH))
             return
         loop = asyncio.get_running_loop()
         in_flight: set[asyncio.Task[None]] = set()
         while self._queue or in_flight:
             if self._queue and len(in_flight) < self.pipeline:
                 size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // self.pipeline))
-                batch, self._queue = self._queue[:size], self._queue[size:]
-                in_flight.add(loop.create_task(self._send(batch)))
+                in_flight.add(loop.create_task(self._send(self._take(size))))
                 continue
             _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+
+    def _take(self, size: int) -> list[_Op]:
+        """The next ``size`` operations for one call, or a few more: a group is never split."""
+        queue = self._queue
+        while size < len(queue) and queue[size].kind == RESERVE_IN_GROUP and queue[size - 1].kind == RESERVE_IN_GROUP \
+                and _group(queue[size]) == _group(queue[size - 1]):
+            size += 1
+        batch, self._queue = queue[:size], queue[size:]
+        return batch
 
     async def _send_bounded(self, ops: Sequence[_Op]) -> None:
         async with self._sending:
@@ -402,7 +473,7 @@ class RedisStore(Store, SharedState):
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
             for op in ops:
                 self._fail(op, error, retry=True)
-                if written and op.kind == RESERVE:
+                if written and op.kind in RESERVING:
                     # Redis may still run it (paused, or its answer was lost) for a caller already
                     # answered: give it back like a settlement, until applied (a no-op if it never
                     # ran). Redis reads the reserve's waiting bytes before a new connection's: only
@@ -424,7 +495,7 @@ class RedisStore(Store, SharedState):
                 continue
             elif op.future.cancelled():
                 # The caller went away while its reservation was in flight: give it straight back.
-                if op.kind == RESERVE and flag == 1:
+                if op.kind in RESERVING and flag == 1:
                     self._enqueue(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()))
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))

@@ -13,7 +13,7 @@
 --       amount, limit, lease expiry ms, key expiry ms (0: the keys never expire; windowed
 --       counters expire after their window), scale (store units per quota unit) and the
 --       override field ('-': no override applies).
--- Kinds: r reserve, c commit, f refund (with a lease expiry: the give-back of a reservation
+-- Kinds: r reserve, g reserve as one of a group (below), c commit, f refund (with a lease expiry: the give-back of a reservation
 --        nobody holds, which takes only that very lease), l release, u usage, s set usage
 --        (member: '-', or the commit total read before the true usage was, whose commits since
 --        are added), k commit total, m metering check, a add (charge), x seed (raise to at least).
@@ -33,6 +33,11 @@
 -- its lease back), so a corrupt counter fails it unchanged too. (The one exception: a commit takes
 -- its lease before it adds to the commit total; a corrupt total, which only reconciliations read,
 -- then misses that commit.)
+--
+-- A group is a run of consecutive g operations whose members share one id ("<id>:<cost>"): the
+-- buckets one request charges. Each is reserved as r would; if any is refused, those already
+-- reserved are taken back within this same call (so no other caller ever sees them), and all are
+-- answered as not admitted: the one that refused with flag 0, the others with flag 4 (held back).
 --
 -- A reserve sent again (the connection failed before its answer came back) must not count twice,
 -- and a reserve whose member some other process drew too (ids duplicated by a fork) must not be
@@ -214,18 +219,52 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
 end
 
 local out = {}
+-- What each operation was, for a group that must take its reservations back.
+local parsed = {}
 local function run(i)
   local k, kind, member, amount, limit, lease_until, at, scale, field =
     string.match(ARGV[i + 1], '^(%d+) (%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
   if not kind then final('malformed operation ' .. tostring(ARGV[i + 1])) end
   k = tonumber(k)
   limit = tonumber(limit)
+  amount = tonumber(amount)
+  at = tonumber(at)
+  parsed[i] = {k = k, kind = kind, member = member, amount = amount, at = at}
+  if kind == 'g' then kind = 'r' end
   if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
   local flag, used = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
-    tonumber(amount), limit, tonumber(lease_until), tonumber(at))
+    amount, limit, tonumber(lease_until), at)
   out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, used, limit
 end
 
+local HELD_BACK = 4
+
+-- All or nothing: a group with any operation not admitted takes back what the others reserved.
+local function settle_group(first, last)
+  local refused = false
+  for j = first, last do
+    if out[3 * j - 2] ~= 1 then refused = true end
+  end
+  if not refused then return end
+  for j = first, last do
+    if out[3 * j - 2] == 1 then
+      local op = parsed[j]
+      local counter, leases = KEYS[op.k], KEYS[op.k + 1]
+      if redis.call('ZREM', leases, op.member) == 1 then
+        out[3 * j - 1] = give_back(counter, used_of(counter), op.amount, op.at)
+      end
+      out[3 * j - 2] = HELD_BACK
+    end
+  end
+end
+
+local function group_of(i)
+  local op = parsed[i]
+  if not op or op.kind ~= 'g' then return nil end
+  return string.match(op.member, '^(.*):%d+$')
+end
+
+local group, group_first = nil, nil
 for i = 1, #ARGV - 1 do
   local ok, err = pcall(run, i)
   if not ok then
@@ -236,5 +275,16 @@ for i = 1, #ARGV - 1 do
     end
     out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, tostring(err), 0
   end
+  local id = group_of(i)
+  if id == nil and ARGV[i + 1] and string.match(ARGV[i + 1], '^%d+ g ') then
+    -- A g operation that failed before it was parsed still belongs to the group that it ends.
+    id = group
+    parsed[i] = parsed[i] or {kind = 'g', member = ''}
+  end
+  if id ~= group then
+    if group then settle_group(group_first, i - 1) end
+    group, group_first = id, i
+  end
 end
+if group then settle_group(group_first, #ARGV - 1) end
 return out
