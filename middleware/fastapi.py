@@ -110,17 +110,14 @@ def guard(quota: QuotaMiddleware, resource: str, *, cost: Any | CostFn = 1, wind
         if outcome is None:
             yield UNCOUNTED
             return
-        if outcome.decision.limit >= 0:  # as the middleware: an unlimited resource adds no headers
-            for name, value in outcome.charge.headers(outcome.decision):
-                response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
-        reservation = outcome.decision.reservation
+        # As the middleware: every policy the request met (a parent's too); none for an unlimited one.
+        for name, value in outcome.headers():
+            response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
         try:
             yield outcome.decision
         except BaseException:
-            if reservation is not None:
-                await engine.settle(reservation, keep=False)
+            await engine.settle_all(outcome, keep=False)  # every reservation: the project's, its parent's
             raise
-        if reservation is not None:
-            await engine.settle(reservation, keep=True)
+        await engine.settle_all(outcome, keep=True)
 
     return dependency

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 
 from examples import fastapi_app
 from middleware import Bucket, Decision, QuotaMiddleware, RedisStore, Rule, StaticSource, Store, problem_json
@@ -182,3 +182,27 @@ async def test_the_problem_json_renderer_is_the_dependencys_too() -> None:
         by_dependency = await client.post("/by-dependency", headers=H)
     assert by_dependency.headers["content-type"] == by_rule.headers["content-type"] == "application/problem+json"
     assert by_dependency.json() == by_rule.json()
+
+
+async def test_the_dependency_charges_and_settles_a_parent_as_the_middleware_does() -> None:
+    """A project under an organisation (the engine's parent function): the dependency's request is
+    charged at both levels, answers with both policies, and settles (or refunds) both reservations."""
+    api = FastAPI()
+    quota = QuotaMiddleware(api, rules=[], source=StaticSource({"reports": 5}, projects={"org": {"reports": 1}}),
+                            parent=lambda project: "org" if project.startswith("team-") else None)
+
+    @api.post("/v1/reports", status_code=201)
+    async def create(fail: bool = False, decision: Decision = Depends(guard(quota, "reports"))) -> dict[str, bool]:
+        if fail:
+            raise HTTPException(409, "conflict")
+        return {"ok": True}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=quota), base_url="http://api") as client:
+        failed = await client.post("/v1/reports?fail=true", headers={"X-Project-Id": "team-a"})
+        created = await client.post("/v1/reports", headers={"X-Project-Id": "team-a"})
+        refused = await client.post("/v1/reports", headers={"X-Project-Id": "team-b"})  # the organisation's cap
+    assert failed.status_code == 409 and created.status_code == 201 and refused.status_code == 403
+    assert "org" in created.headers["ratelimit-policy"] and "reports" in created.headers["ratelimit-policy"]
+    await quota.store.flush()
+    usage = {p: await quota.store.usage(Bucket(p, "reports")) for p in ("team-a", "team-b", "org")}
+    assert usage == {"team-a": 1, "team-b": 0, "org": 1}  # the failed request was refunded at both levels
