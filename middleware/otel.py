@@ -23,7 +23,8 @@ store units, when admitted); failures (``failed_open``, ``failed_closed``) have 
 The engine reports a decision when it is made, so the span starts when the store was asked (the
 ``store`` report carries how long it took) and ends there: it times the store, not the quota
 fetch. When the engine opens the span itself around the whole decision (through
-:meth:`QuotaTelemetry.trace_decision`), the outcome is written on that span instead.
+:meth:`QuotaTelemetry.trace_decision`), the outcome is written on that span instead, and each
+bucket the decision charged (several resources, a parent project) is an event on it.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ NEAR_LIMIT = 0.8
 SETTLEMENTS = frozenset({"refunded", "released"})
 FAILURES = frozenset({"failed_open", "failed_closed"})
 
-#: The span trace_decision() opened, while the decision it covers runs.
-_open_span: ContextVar[trace.Span | None] = ContextVar("quota_open_span", default=None)
+#: The span trace_decision() opened, while the decision it covers runs, and the outcome it carries.
+_open_span: ContextVar[tuple[trace.Span, list[str]] | None] = ContextVar("quota_open_span", default=None)
 #: When (ns) the store was asked for the decision being made in this context.
 _store_asked: ContextVar[int | None] = ContextVar("quota_store_asked", default=None)
 
@@ -124,7 +125,7 @@ class QuotaTelemetry:
         with self.tracer.start_as_current_span("quota.decide", kind=trace.SpanKind.INTERNAL,
                                                attributes={"quota.project": project,
                                                            "quota.resource": resource}) as span:
-            token = _open_span.set(span)
+            token = _open_span.set((span, []))
             try:
                 yield span
             finally:
@@ -137,9 +138,15 @@ class QuotaTelemetry:
             _store_asked.set(None)  # one store call, one decision
         opened = _open_span.get()
         if opened is not None and outcome not in SETTLEMENTS:
-            opened.set_attributes(attributes)
+            # One decision may charge several buckets (several resources, a parent project): each
+            # report is an event; the span's outcome is the first that was not an admission.
+            span, seen = opened
+            span.add_event(f"quota.{outcome}", attributes)
+            if not seen or seen[-1] == "admitted":
+                span.set_attribute("quota.outcome", outcome)
+            seen.append(outcome)
             if outcome in FAILURES:
-                opened.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
             return
         name = "quota.settle" if outcome in SETTLEMENTS else "quota.decide"
         span = self.tracer.start_span(name, kind=trace.SpanKind.INTERNAL, attributes=attributes,

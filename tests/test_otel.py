@@ -120,10 +120,18 @@ async def test_trace_decision_keeps_the_outcome_on_the_span_the_engine_opened(te
         quota.decision("things", "rejected", "p")
     with quota.trace_decision("p", "things"):
         quota.admitted("things", "p", 3, 4)
+    with quota.trace_decision("p", "things"):  # a project and its parent: two buckets, one decision
+        quota.admitted("things", "p", 1, 4)
+        quota.decision("things", "rejected", "org")
     quota.decision("things", "refunded", "p")  # a settlement, later: its own span
     spans = telemetry.finished()
     assert [(s.name, s.attributes and s.attributes["quota.outcome"]) for s in spans] == [
-        ("quota.decide", "rejected"), ("quota.decide", "admitted"), ("quota.settle", "refunded")]
+        ("quota.decide", "rejected"), ("quota.decide", "admitted"), ("quota.decide", "rejected"),
+        ("quota.settle", "refunded")]
+    both = spans[2]
+    assert both.attributes is not None and both.attributes["quota.project"] == "p"
+    assert [(e.name, e.attributes and e.attributes["quota.project"]) for e in both.events] == [
+        ("quota.admitted", "p"), ("quota.rejected", "org")]
     assert telemetry.count("quota.decisions", **{"quota.resource": "things", "quota.outcome": "rejected"}) == 1
 
 
