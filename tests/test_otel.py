@@ -132,7 +132,7 @@ async def test_trace_decision_keeps_the_outcome_on_the_span_the_engine_opened(te
     assert both.attributes is not None and both.attributes["quota.project"] == "p"
     assert [(e.name, e.attributes and e.attributes["quota.project"]) for e in both.events] == [
         ("quota.admitted", "p"), ("quota.rejected", "org")]
-    assert telemetry.count("quota.decisions", **{"quota.resource": "things", "quota.outcome": "rejected"}) == 1
+    assert telemetry.count("quota.decisions", **{"quota.resource": "things", "quota.outcome": "rejected"}) == 2
 
 
 def test_usable_with_the_global_providers() -> None:
