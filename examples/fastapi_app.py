@@ -9,12 +9,11 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI, HTTPException
 
 from middleware import Decision, MemoryStore, QuotaMiddleware, Rule, StaticSource, Store
-from middleware.fastapi import QuotaRefused, guard, quota_refused_handler
+from middleware.fastapi import guard
 
 
 def create_app(store: Store | None = None) -> QuotaMiddleware:
     api = FastAPI(title="Quota-guarded API")
-    api.add_exception_handler(QuotaRefused, quota_refused_handler)
     # The middleware wraps the FastAPI app: it is what the server serves.
     quota = QuotaMiddleware(api, rules=[Rule("POST", "/v1/secrets", "secrets")],
                             source=StaticSource({"secrets": 3, "reports": 2}), store=store or MemoryStore())

@@ -1,5 +1,7 @@
 """quota-middleware: enforce upstream quotas at the edge of an ASGI app."""
 
+from importlib import metadata as _metadata
+
 from .asgi import QuotaMiddleware
 from .engine import Admitted, Charge, Demand, QuotaEngine
 from .errors import (
@@ -41,6 +43,12 @@ from .stores import (
     Store,
 )
 from .windows import Period, Window
+
+try:
+    #: The installed distribution's version: pyproject.toml is the one place it is written.
+    __version__ = _metadata.version("quota-middleware")
+except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "UNLIMITED",

@@ -2,7 +2,6 @@
 
     app = FastAPI()
     quota = QuotaMiddleware(app, rules=[], source=..., store=...)   # serve `quota` (uvicorn main:quota)
-    app.add_exception_handler(QuotaRefused, quota_refused_handler)
 
     @app.post("/v1/secrets", status_code=201)
     async def create(decision: Decision = Depends(guard(quota, "secrets"))): ...
@@ -15,6 +14,14 @@ of a response the endpoint builds itself, so return errors by raising them. A re
 uncounted (``fail_open`` while the store fails, or shadow mode without an identity) gets an
 unlimited Decision with no reservation. Rules, windows and costs work as in the middleware; both
 forms may guard routes of one app.
+
+Answers are the middleware's: a refusal has the same status, body (the middleware's renderer) and
+headers (``Retry-After``, ``RateLimit-Policy``, ``RateLimit``), with no exception handler to
+register: the first refusal adds :func:`quota_refused_handler` to the app's handlers for
+:class:`QuotaRefused` (one you registered yourself is kept). An admitted request's response
+carries the same ``RateLimit-Policy`` and ``RateLimit`` headers as the middleware's, set on the
+response FastAPI builds from what the endpoint returns (an endpoint that returns a ``Response``
+object of its own builds it without them, as with any header a dependency sets).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -40,54 +48,76 @@ __all__ = ["QuotaRefused", "guard", "quota_refused_handler"]
 UNCOUNTED = Decision(True, 0, UNLIMITED)
 
 
-class QuotaRefused(Exception):
-    """Raised by a guard dependency; ``quota_refused_handler`` renders it like the middleware does."""
+class QuotaRefused(HTTPException):
+    """Raised by a guard dependency; ``quota_refused_handler`` renders it like the middleware does.
+
+    An ``HTTPException`` with the rejection's status and headers: where no handler of ours is
+    reached (an app without Starlette's exception middleware), FastAPI's own renders it as
+    ``{"detail": description}`` with the same status and headers.
+    """
 
     def __init__(self, quota: QuotaMiddleware, rejection: Rejection) -> None:
-        super().__init__(rejection.description)
+        rendered = quota.renderer(rejection)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in rendered.headers if k != b"content-length"}
+        super().__init__(rendered.status, rejection.description, headers)
         self.quota = quota
         self.rejection = rejection
+        self.rendered = rendered
 
 
 async def quota_refused_handler(request: Request, exc: Exception) -> Response:
+    """Renders a :class:`QuotaRefused` as the middleware renders its rejection."""
     assert isinstance(exc, QuotaRefused)
-    rendered = exc.quota.renderer(exc.rejection)
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in rendered.headers if k != b"content-length"}
-    return Response(rendered.body, status_code=rendered.status, headers=headers)
+    rendered = exc.rendered
+    return Response(rendered.body, status_code=rendered.status, headers=exc.headers)
+
+
+def _refuse(request: Request, quota: QuotaMiddleware, rejection: Rejection) -> QuotaRefused:
+    """The exception to raise, with its handler in place for this app.
+
+    Starlette's exception middleware hands the request its handler tables (the very dicts it looks
+    handlers up in when an exception arrives); adding ours there registers it once for the app, as
+    ``app.add_exception_handler`` would have before the first request. A handler registered for
+    QuotaRefused, or for its status, is kept.
+    """
+    tables = request.scope.get("starlette.exception_handlers")
+    if isinstance(tables, tuple) and tables and isinstance(tables[0], dict):
+        tables[0].setdefault(QuotaRefused, quota_refused_handler)
+    return QuotaRefused(quota, rejection)
 
 
 def guard(quota: QuotaMiddleware, resource: str, *, cost: Any | CostFn = 1, window: str | float | None = None,
-          shadow: bool = False) -> Callable[[Request], AsyncIterator[Decision]]:
+          shadow: bool = False) -> Callable[[Request, Response], AsyncIterator[Decision]]:
     """A dependency that consumes ``cost`` of ``resource`` for the request's project."""
     period = None if window is None else Period.parse(window)
     if not callable(cost):
         cost_of(cost, {})  # a bad constant is a mistake at start-up, not on each request
-    engine = quota.engine
 
-    async def dependency(request: Request) -> AsyncIterator[Decision]:
+    async def dependency(request: Request, response: Response) -> AsyncIterator[Decision]:
         scope = request.scope
+        engine = quota.engine  # read per request: a test may point the middleware at another
         try:
             project = quota.identity(scope)
             demand = Demand(resource, cost_of(cost, scope), period)
         except RequestError as exc:
             if not (shadow or engine.shadow):
-                raise QuotaRefused(quota, Rejection(exc.status_code, str(exc))) from None
+                raise _refuse(request, quota, Rejection(exc.status_code, str(exc))) from None
             yield UNCOUNTED  # shadow mode: nothing to count without a project
             return
         outcome = await engine.admit(project, demand, headers=scope["headers"], shadow=shadow)
         if isinstance(outcome, Rejection):
-            raise QuotaRefused(quota, outcome)
+            raise _refuse(request, quota, outcome)
         if outcome is None:
             yield UNCOUNTED
             return
-        reservation = outcome.decision.reservation
+        # As the middleware: every policy the request met (a parent's too); none for an unlimited one.
+        for name, value in outcome.headers():
+            response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
         try:
             yield outcome.decision
         except BaseException:
-            if reservation is not None:
-                await engine.settle(reservation, keep=False)
+            await engine.settle_all(outcome, keep=False)  # every reservation: the project's, its parent's
             raise
-        if reservation is not None:
-            await engine.settle(reservation, keep=True)
+        await engine.settle_all(outcome, keep=True)
 
     return dependency

@@ -17,6 +17,14 @@ with ``per_project=True`` (every project becomes a time series: mind your Promet
   latency as requests see it, and its failures.
 - ``quota_store_data_lost_total``: times the store was seen to have lost usage data (Redis
   restarted without persistence, flushed, or evicting keys): alert on any increase.
+
+Several worker processes (``uvicorn --workers N``, gunicorn): set ``PROMETHEUS_MULTIPROC_DIR`` to
+an empty directory in the server's environment (before anything imports ``prometheus_client``)
+and each process writes its values there; ``asgi_app()`` then serves the sum over every process,
+whichever worker answers the scrape. Every metric here is a counter or a histogram, which
+prometheus_client adds up across processes as they are: there is no gauge, so no
+``multiprocess_mode`` to choose. Empty the directory when the server starts (not when a worker
+restarts: its counts would vanish from the sums).
 """
 
 from __future__ import annotations
@@ -29,6 +37,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("QuotaMetrics needs prometheus_client: pip install 'quota-middleware[metrics]'") from exc
 
 NEAR_LIMIT = 0.8
+
+
+def multiprocess_mode() -> bool:
+    """True when prometheus_client keeps values in ``PROMETHEUS_MULTIPROC_DIR`` (several workers).
+
+    prometheus_client reads that variable once, when it is imported; what it chose is what counts.
+    """
+    return prometheus_client.values.ValueClass is not prometheus_client.values.MutexValue
 
 
 class QuotaMetrics:
@@ -80,5 +96,15 @@ class QuotaMetrics:
         self._data_lost.inc()
 
     def asgi_app(self) -> Any:
-        """The exposition endpoint as an ASGI app, to mount at ``/metrics``."""
+        """The exposition endpoint as an ASGI app, to mount at ``/metrics``.
+
+        In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set) it serves what every worker process
+        wrote there, added up, rather than this process's own registry.
+        """
+        if multiprocess_mode():
+            from prometheus_client import multiprocess
+
+            registry = prometheus_client.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return prometheus_client.make_asgi_app(registry=registry)
         return prometheus_client.make_asgi_app(registry=self.registry)

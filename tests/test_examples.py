@@ -46,3 +46,31 @@ async def test_traffic_gate_reads_the_seed_region() -> None:
         unknown = await client.get("/regions/brazil/files/f?size=10", headers={"X-Project-Id": "someone-else"})
     assert response.status_code == 200 and response.headers["ratelimit-policy"].startswith('"traffic:brazil";q=20;w=')
     assert unknown.status_code == 403 and "no traffic quota" in unknown.json()["description"]
+
+
+async def test_barbican_store_under_the_quota_fixture() -> None:
+    """The example secret store, tested as a user tests their own app: QuotaFixture stands in for
+    the quota API, per project, and tells what each project uses."""
+    from examples import barbican_store
+    from middleware.testing import QuotaFixture
+
+    quota = QuotaFixture(barbican_store.DEMO_QUOTAS)
+    quota.set_quota("small", "secrets", 1)
+    app = barbican_store.create_app(quota.source, quota.store)
+    small, big = {"X-Project-Id": "small"}, {"X-Project-Id": "big"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kms") as client:
+        created = await client.post("/v1/secrets", headers=small, json={"name": "a"})
+        refused = await client.post("/v1/secrets", headers=small, json={"name": "b"})
+        assert [(await client.post("/v1/secrets", headers=big)).status_code for _ in range(6)] == [201] * 5 + [403]
+        assert (await client.post("/v1/orders", headers=big)).status_code == 202
+        assert (await client.post("/v1/containers", headers=big, content=b"not json")).status_code == 400  # refunded
+        assert (quota.usage("small", "secrets"), quota.usage("big", "secrets")) == (1, 5)
+        assert (quota.usage("big", "orders"), quota.usage("big", "containers")) == (1, 0)
+        secret_id = created.json()["secret_ref"].rsplit("/", 1)[1]
+        assert (await client.delete(f"/v1/secrets/{secret_id}", headers=small)).status_code == 204
+        assert quota.usage("small", "secrets") == 0
+        quota.set_quota("small", "secrets", 0)  # disabled from the next request on
+        disabled = await client.post("/v1/secrets", headers=small)
+    assert created.status_code == 201 and refused.status_code == 403
+    assert refused.json()["description"] == "Quota exceeded for project small: secrets allows 1, 1 already in use."
+    assert disabled.status_code == 403 and "disabled" in disabled.json()["description"]
