@@ -205,6 +205,8 @@ class QuotaEngine:
         #: Decide and count as in enforcement, but never refuse (per rule: Rule(..., shadow=True)).
         self.shadow = shadow
         self.metrics = metrics
+        #: Opened around each decision when the metrics offer it (middleware.otel.QuotaTelemetry).
+        self._trace = getattr(metrics, "trace_decision", None)
         if parent is not None:
             options.function("parent", parent, "a callable taking a project id and returning its parent's (or None)")
         self._parent_fn = parent
@@ -231,9 +233,19 @@ class QuotaEngine:
         engine's ``parent`` function or the source's): every demand is charged there too.
         """
         shadow = shadow or self.shadow
-        if len(demands) != 1 or parent is not None or self._parents is not None:
+        several = len(demands) != 1 or parent is not None or self._parents is not None
+        if self._trace is not None:
+            with self._trace(project, ",".join(demand.resource for demand in demands)):
+                if several:
+                    return await self._admit_all(project, demands, headers, action, shadow, parent)
+                return await self._admit_one(project, demands[0], headers, action, shadow)
+        if several:
             return await self._admit_all(project, demands, headers, action, shadow, parent)
-        demand = demands[0]
+        return await self._admit_one(project, demands[0], headers, action, shadow)
+
+    async def _admit_one(self, project: str, demand: Demand, headers: RawHeaders, action: Action,
+                         shadow: bool) -> Admitted | Rejection | None:
+        """One demand, one bucket: the common case, decided without building a claim list."""
         resource = demand.resource
         try:
             quotas = self.cache.fresh(project)  # a warm project: no coroutine

@@ -122,6 +122,9 @@ class QuotaTelemetry:
     def trace_decision(self, project: str, resource: str) -> Iterator[trace.Span]:
         """A span around a whole decision (quota fetch included), for an engine that opens one:
         the outcome reported while it is open is written on it."""
+        if not self.spans:  # counters only: no span at all
+            yield trace.INVALID_SPAN
+            return
         with self.tracer.start_as_current_span("quota.decide", kind=trace.SpanKind.INTERNAL,
                                                attributes={"quota.project": project,
                                                            "quota.resource": resource}) as span:

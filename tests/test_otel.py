@@ -80,9 +80,13 @@ async def test_counters_and_a_span_per_decision(telemetry: Telemetry) -> None:
                         ("quota.decide", "admitted"), ("quota.decide", "rejected"), ("quota.settle", "released")]
     first = spans[0]
     assert first.attributes is not None
-    assert dict(first.attributes) == {"quota.project": "p", "quota.resource": "things", "quota.outcome": "admitted",
-                                      "quota.used": 1, "quota.limit": 2}
-    # A child of the request's span, starting when the store was asked.
+    # The engine opens the span around the whole decision (quota fetch included); each bucket the
+    # decision charged is an event carrying its usage and limit.
+    assert dict(first.attributes) == {"quota.project": "p", "quota.resource": "things", "quota.outcome": "admitted"}
+    assert [(e.name, dict(e.attributes or {})) for e in first.events] == [
+        ("quota.admitted", {"quota.project": "p", "quota.resource": "things", "quota.outcome": "admitted",
+                            "quota.used": 1, "quota.limit": 2})]
+    # A child of the request's span.
     assert first.parent is not None and first.parent.span_id == request_span.get_span_context().span_id
     assert first.start_time is not None and first.end_time is not None and first.start_time <= first.end_time
     assert all(s.status.status_code == trace.StatusCode.UNSET for s in spans)
