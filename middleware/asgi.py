@@ -104,7 +104,8 @@ class QuotaMiddleware:
             demands = demands[:1]
         # A warm project on a store that decides in process is admitted without a coroutine.
         outcome: Admitted | Rejection | None = self.engine.admit_nowait(project, demands[0]) \
-            if len(demands) == 1 and rule.action == "consume" and not shadow and not self.engine.shadow else None
+            if self.engine.decides_in_process and len(demands) == 1 and rule.action == "consume" \
+            and not shadow and not self.engine.shadow else None
         if outcome is None:
             outcome = await self.engine.admit(project, *demands, headers=scope["headers"], action=rule.action,
                                               shadow=shadow)
@@ -134,10 +135,12 @@ class QuotaMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                # A failed creation is refunded, so its headers show the usage without it.
-                headers = admitted.headers(kept=200 <= status < 300)
-                if headers:  # an unlimited resource adds none
-                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
+                # An unlimited resource adds no headers: no work for it. A failed creation is
+                # refunded, so its headers show the usage without it.
+                if admitted.decisions[0].limit >= 0 or len(admitted.decisions) > 1:
+                    headers = admitted.headers(kept=200 <= status < 300)
+                    if headers:
+                        message = {**message, "headers": [*message.get("headers", ()), *headers]}
             return send(message)
 
         keep = False

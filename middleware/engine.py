@@ -189,6 +189,8 @@ class QuotaEngine:
         self.store = LeasingStore(store) if local_leases and self.shared is not None else store
         self._reserve_nowait = self.store.reserve_nowait if nowait_usable(self.store, "reserve_nowait", "reserve") \
             else _no_answer
+        #: The store can decide without I/O (the memory store, local leases): admit_nowait can answer.
+        self.decides_in_process = self._reserve_nowait is not _no_answer
         self._settle_nowait = self.store.settle_nowait \
             if nowait_usable(self.store, "settle_nowait", "commit", "refund") else _not_settled
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
@@ -220,9 +222,9 @@ class QuotaEngine:
 
     # -- deciding -------------------------------------------------------------------------------
 
-    async def admit(self, project: str, *demands: Demand, headers: RawHeaders = [],  # noqa: B006 - never mutated
-                    action: Action = "consume", shadow: bool = False,
-                    parent: str | None = None) -> Admitted | Rejection | None:
+    def admit(self, project: str, *demands: Demand, headers: RawHeaders = [],  # noqa: B006 - never mutated
+              action: Action = "consume", shadow: bool = False,
+              parent: str | None = None) -> Awaitable[Admitted | Rejection | None]:
         """Decide the demands of ``project`` before the work they pay for is done, all or nothing.
 
         Returns what was admitted (holding reservations, for ``consume``: settle them), the
@@ -232,16 +234,22 @@ class QuotaEngine:
         but never refuses. ``parent``: the project's parent, when the request says (else the
         engine's ``parent`` function or the source's): every demand is charged there too.
         """
+        # Not a coroutine itself: the caller awaits the one that decides, no frame of ours between.
         shadow = shadow or self.shadow
-        several = len(demands) != 1 or parent is not None or self._parents is not None
         if self._trace is not None:
-            with self._trace(project, ",".join(demand.resource for demand in demands)):
-                if several:
-                    return await self._admit_all(project, demands, headers, action, shadow, parent)
-                return await self._admit_one(project, demands[0], headers, action, shadow)
-        if several:
-            return await self._admit_all(project, demands, headers, action, shadow, parent)
-        return await self._admit_one(project, demands[0], headers, action, shadow)
+            return self._traced(project, demands, headers, action, shadow, parent)
+        if len(demands) != 1 or parent is not None or self._parents is not None:
+            return self._admit_all(project, demands, headers, action, shadow, parent)
+        return self._admit_one(project, demands[0], headers, action, shadow)
+
+    async def _traced(self, project: str, demands: Sequence[Demand], headers: RawHeaders, action: Action,
+                      shadow: bool, parent: str | None) -> Admitted | Rejection | None:
+        """A decision inside the span the metrics open (middleware.otel.QuotaTelemetry)."""
+        assert self._trace is not None
+        with self._trace(project, ",".join(demand.resource for demand in demands)):
+            if len(demands) != 1 or parent is not None or self._parents is not None:
+                return await self._admit_all(project, demands, headers, action, shadow, parent)
+            return await self._admit_one(project, demands[0], headers, action, shadow)
 
     async def _admit_one(self, project: str, demand: Demand, headers: RawHeaders, action: Action,
                          shadow: bool) -> Admitted | Rejection | None:
@@ -282,8 +290,10 @@ class QuotaEngine:
         process, and a store that decides in process (the memory store, an open local lease).
         Only an admission is answered here; None: await ``admit`` (which also decides refusals,
         failures and shadow mode). No coroutine, no I/O: most requests of a warm project."""
-        if self._parents is not None or self.metrics is not None:
-            return None  # with metrics, a refusal would count its cache lookup twice: admit() counts once
+        if not self.decides_in_process or self._parents is not None or self.metrics is not None:
+            # A store that needs I/O would make admit() look everything up again; with metrics, a
+            # refusal would count its cache lookup twice.
+            return None
         quotas = self.cache.fresh(project)
         if quotas is None:
             return None

@@ -229,8 +229,10 @@ local function run(i)
   limit = tonumber(limit)
   amount = tonumber(amount)
   at = tonumber(at)
-  parsed[i] = {k = k, kind = kind, member = member, amount = amount, at = at}
-  if kind == 'g' then kind = 'r' end
+  if kind == 'g' then  -- kept only for a group, which may have to take it back
+    parsed[i] = {k = k, member = member, amount = amount, at = at}
+    kind = 'r'
+  end
   if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
   local flag, used = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
     amount, limit, tonumber(lease_until), at)
@@ -260,7 +262,7 @@ end
 
 local function group_of(i)
   local op = parsed[i]
-  if not op or op.kind ~= 'g' then return nil end
+  if not op then return nil end
   return string.match(op.member, '^(.*):%d+$')
 end
 
@@ -276,10 +278,9 @@ for i = 1, #ARGV - 1 do
     out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, tostring(err), 0
   end
   local id = group_of(i)
-  if id == nil and ARGV[i + 1] and string.match(ARGV[i + 1], '^%d+ g ') then
-    -- A g operation that failed before it was parsed still belongs to the group that it ends.
+  if id == nil and not ok and string.match(ARGV[i + 1], '^%d+ g ') then
+    -- A g operation that failed before it was parsed still belongs to the group it is in.
     id = group
-    parsed[i] = parsed[i] or {kind = 'g', member = ''}
   end
   if id ~= group then
     if group then settle_group(group_first, i - 1) end
