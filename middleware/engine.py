@@ -283,7 +283,7 @@ class QuotaEngine:
             return self._store_failed(exc, project, resource, shadow)
         if self.metrics is not None:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
-        return Admitted((charge,), (decision,))
+        return tuple.__new__(Admitted, ((charge,), (decision,)))
 
     def admit_nowait(self, project: str, demand: Demand) -> Admitted | None:
         """``admit`` of one consume demand when everything is at hand: the project's quotas fresh in
