@@ -30,7 +30,7 @@ METADATA = {"Software": None}
 def throughput_ratios(results: dict[str, Any], out: Path) -> Path:
     runs, goals, targets = results["runs"], results.get("goals", {}), results["targets"]
     workers = sorted({w for run in runs for ratios in run["ratios"].values() for w in ratios}, key=int)
-    fig, axes = plt.subplots(1, len(workers), figsize=(5.2 * len(workers), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(workers), figsize=(max(7.0, 5.2 * len(workers)), 4.2), sharey=True, squeeze=False)
     width = 0.8 / len(runs)
     for ax, count in zip(axes[0], workers, strict=True):
         for i, run in enumerate(runs):
