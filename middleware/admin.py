@@ -153,12 +153,8 @@ class QuotaAdmin:
         assert self.cache is not None
         try:
             return await self.cache.get(project, request.scope["headers"])
-        except SourceRejected as exc:
-            raise AdminError(exc.caller_status, f"Quota service refused the request: {exc}") from None
         except SourceError as exc:
-            logger.warning("quota API failed for project %r: %s", project, exc)
-            retry = exc.retry_after or RETRY_AFTER
-            raise AdminError(503, SOURCE_FAILED, {"Retry-After": str(max(1, round(retry)))}) from None
+            raise _source_failure(project, exc) from None
 
     # -- usage: /v1/usage (the caller's), /v1/project-usage/{id} (any project's) ----------------
 
@@ -176,12 +172,8 @@ class QuotaAdmin:
         """Per resource: limit, used, reserved, remaining (quota units) and the window it resets at."""
         try:
             report = await self.engine.usage(project, headers=request.scope["headers"], resources=self.resources)
-        except SourceRejected as exc:
-            raise AdminError(exc.caller_status, f"Quota service refused the request: {exc}") from None
         except SourceError as exc:
-            logger.warning("quota API failed for project %r: %s", project, exc)
-            retry = exc.retry_after or RETRY_AFTER
-            raise AdminError(503, SOURCE_FAILED, {"Retry-After": str(max(1, round(retry)))}) from None
+            raise _source_failure(project, exc) from None
         for entry in report.values():
             window = entry["window"]
             entry["reset"] = None if window is None else iso_time(window["end"])
@@ -265,6 +257,15 @@ class QuotaAdmin:
     async def _store_error(self, request: Request, exc: Exception) -> Response:
         logger.warning("quota store failed in the admin API: %s", exc)
         return error_response(503, STORE_FAILED, {"Retry-After": str(RETRY_AFTER)})
+
+
+def _source_failure(project: str, exc: SourceError) -> AdminError:
+    """The answer when the quota source gave none: its refusal of the caller as it is, else a 503."""
+    if isinstance(exc, SourceRejected):
+        return AdminError(exc.caller_status, f"Quota service refused the request: {exc}")
+    logger.warning("quota API failed for project %r: %s", project, exc)
+    retry = exc.retry_after or RETRY_AFTER
+    return AdminError(503, SOURCE_FAILED, {"Retry-After": str(max(1, round(retry)))})
 
 
 def quota_units(limit: Limit) -> int:

@@ -564,25 +564,9 @@ class QuotaEngine:
 
     async def settle_all(self, admitted: Admitted, keep: bool) -> None:
         """Keep or give back every reservation of an admitted request, together (see settle)."""
-        if len(admitted.decisions) == 1:
-            reservation = admitted.decisions[0].reservation
-            if reservation is not None:
-                await self.settle(reservation, keep)
-            return
         for decision in admitted.decisions:
-            reservation = decision.reservation
-            if reservation is None:
-                continue
-            if not keep:
-                self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
-            try:
-                # No coroutine for a store that settles in process (or hands the settlement over).
-                if not self._settle_nowait(reservation, keep):
-                    await (self.store.commit(reservation) if keep else self.store.refund(reservation))
-            except StoreError as exc:
-                logger.warning(SETTLE_FAILED, reservation.bucket.project, exc,
-                               extra=_fields(reservation.bucket.project, reservation.bucket.resource,
-                                             "settle_failed"))
+            if decision.reservation is not None:
+                await self.settle(decision.reservation, keep)
 
     async def release(self, bucket: Bucket, units: int) -> None:
         """Give ``units`` back after a delete, never below zero (a store failure is logged)."""

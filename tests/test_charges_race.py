@@ -38,17 +38,23 @@ async def post(port: int, path: str, project: str) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+async def emptied(deployment: str, request: pytest.FixtureRequest) -> tuple[str, Any]:
+    """The URL of the session's real Redis or Cluster, and a client of it, every key deleted."""
+    if deployment == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        client: Any = AsyncRedisCluster(host="127.0.0.1", port=cluster.ports[0])
+        await client.flushall(target_nodes=AsyncRedisCluster.PRIMARIES)
+        return cluster.url, client
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = aioredis.Redis(port=server.port)
+    await client.flushall()
+    return server.url, client
+
+
 @pytest.mark.parametrize("deployment", ["redis", "cluster"])
 async def test_mixed_charges_on_four_workers_never_pass_any_limit(deployment: str,
                                                                   request: pytest.FixtureRequest) -> None:
-    if deployment == "cluster":
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        url, client = cluster.url, AsyncRedisCluster(host="127.0.0.1", port=cluster.ports[0])
-        await client.flushall(target_nodes=AsyncRedisCluster.PRIMARIES)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        url, client = server.url, aioredis.Redis(port=server.port)
-        await client.flushall()
+    url, client = await emptied(deployment, request)
     env = {"REDIS_URL": url, "REDIS_CLUSTER": "1" if deployment == "cluster" else "0", "COUNT": str(COUNT),
            "RATE": str(RATE), "ORG_CAP": str(ORG_CAP)}
     shuffle = random.Random(7)
@@ -96,14 +102,7 @@ async def test_mixed_charges_on_four_workers_never_pass_any_limit(deployment: st
 @pytest.mark.parametrize("deployment", ["redis", "cluster"])
 async def test_children_racing_for_their_parents_cap_admit_exactly_the_cap(deployment: str,
                                                                             request: pytest.FixtureRequest) -> None:
-    if deployment == "cluster":
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        url, client = cluster.url, AsyncRedisCluster(host="127.0.0.1", port=cluster.ports[0])
-        await client.flushall(target_nodes=AsyncRedisCluster.PRIMARIES)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        url, client = server.url, aioredis.Redis(port=server.port)
-        await client.flushall()
+    url, client = await emptied(deployment, request)
     # Each kid alone could take 12; their parent allows 15 in all.
     env = {"REDIS_URL": url, "REDIS_CLUSTER": "1" if deployment == "cluster" else "0", "COUNT": str(COUNT),
            "RATE": "1000", "ORG_CAP": str(ORG_CAP)}
