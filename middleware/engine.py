@@ -47,6 +47,10 @@ STORE_FAILED = "Quota store unavailable: usage could not be checked. Try again l
 FAILED_OPEN = "admitting project %r (%s) without a quota check (fail_open): %s"
 SHADOW_REJECTED = "shadow mode: would have refused project %r %s: %s"
 SHADOW_PASSED = "shadow mode: letting project %r (%s) through: %s"
+SHADOW_SUPPRESSED = "shadow mode: %d more refusals in the last %.0fs were not logged"
+#: Shadow refusals are WARNINGs (what enforcement would do is what an operator watches for), at
+#: most this many a minute: a flood of them must not flood the log.
+SHADOW_LOG_PER_MINUTE = 10
 SETTLE_FAILED = "could not settle usage of project %r: %s"
 UNREPORTED = ("quota source %r reports no limit for resource %r (it reported: %s); the default limit applies "
               "(%s). Check the rule's resource name, or the resources the source reads (resources=...).")
@@ -207,6 +211,7 @@ class QuotaEngine:
         #: Decide and count as in enforcement, but never refuse (per rule: Rule(..., shadow=True)).
         self.shadow = shadow
         self.metrics = metrics
+        self._shadow_log = ShadowLog(clock)
         #: Opened around each decision when the metrics offer it (middleware.otel.QuotaTelemetry).
         self._trace = getattr(metrics, "trace_decision", None)
         if parent is not None:
@@ -276,8 +281,7 @@ class QuotaEngine:
                     return charge.rejection(decision)
                 # Shadow mode: what enforcement would refuse is recorded, admitted, and counted,
                 # so that usage stays true for the day enforcement starts.
-                logger.info(SHADOW_REJECTED, project, resource, charge.rejection(decision).description,
-                            extra=_fields(project, resource, "shadow_rejected"))
+                self._shadow_log.refused(project, resource, charge.rejection(decision).description)
                 decision = await self._decide(action, charge, UNLIMITED)
         except StoreError as exc:
             return self._store_failed(exc, project, resource, shadow)
@@ -349,8 +353,7 @@ class QuotaEngine:
                 if not shadow:
                     # The answer carries every policy the request met (RateLimit fields are lists).
                     return replace(rejection, headers=combined_headers(charges, decisions, refused=True))
-                logger.info(SHADOW_REJECTED, charge.bucket.project, charge.bucket.resource, rejection.description,
-                            extra=_fields(charge.bucket.project, charge.bucket.resource, "shadow_rejected"))
+                self._shadow_log.refused(charge.bucket.project, charge.bucket.resource, rejection.description)
                 decisions = await self.store.reserve_all([c._replace(limit=UNLIMITED) for c in claims],
                                                          self.lease_ms)
         except StoreError as exc:
@@ -646,6 +649,31 @@ class Held:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if self.admitted is not None:
             await self._engine.settle_all(self.admitted, keep=kind is None)
+
+
+class ShadowLog:
+    """Shadow refusals at WARNING, at most SHADOW_LOG_PER_MINUTE a minute; then one line says how
+    many were left out."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._since = 0.0
+        self._logged = 0
+        self._left_out = 0
+
+    def refused(self, project: str, resource: str, description: str) -> None:
+        now = self._clock()
+        if now - self._since >= 60.0:
+            if self._left_out:
+                logger.warning(SHADOW_SUPPRESSED, self._left_out, now - self._since,
+                               extra=_fields(None, None, "shadow_rejected"))
+            self._since, self._logged, self._left_out = now, 0, 0
+        if self._logged >= SHADOW_LOG_PER_MINUTE:
+            self._left_out += 1
+            return
+        self._logged += 1
+        logger.warning(SHADOW_REJECTED, project, resource, description,
+                       extra=_fields(project, resource, "shadow_rejected"))
 
 
 class _CountUnlimited:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from middleware import BarbicanSource, Bucket, QuotaMiddleware, Rule, StaticSource, Store
 from middleware.metrics import QuotaMetrics
+from tests.conftest import FakeClock
 from tests.test_middleware import HEADERS, RULES, client_for, inner_app
 from tests.upstreams import FakeBarbican
 
@@ -100,3 +101,20 @@ async def test_shadow_mode_lets_a_refused_credential_through() -> None:
                          source=BarbicanSource("http://q.test", client=upstream.client(), resources=["things"]))
     async with client_for(mw) as client:
         assert (await client.post("/things", headers=HEADERS)).status_code == 201
+
+
+async def test_shadow_refusals_are_warnings_and_a_flood_of_them_does_not_flood_the_log(
+        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    from middleware.engine import SHADOW_LOG_PER_MINUTE
+
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=StaticSource({"things": 0}), shadow=True, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="quota_middleware"):
+        async with client_for(mw) as client:
+            for _ in range(3 * SHADOW_LOG_PER_MINUTE):
+                assert (await client.post("/things", headers=HEADERS)).status_code == 201
+            clock.advance(61)  # the next minute: one line says how many were left out
+            assert (await client.post("/things", headers=HEADERS)).status_code == 201
+    refusals = [r for r in caplog.records if "would have refused" in r.getMessage()]
+    assert len(refusals) == SHADOW_LOG_PER_MINUTE + 1 and {r.levelno for r in refusals} == {logging.WARNING}
+    left_out = [r.getMessage() for r in caplog.records if "were not logged" in r.getMessage()]
+    assert left_out == [f"shadow mode: {2 * SHADOW_LOG_PER_MINUTE} more refusals in the last 61s were not logged"]

@@ -50,11 +50,11 @@ def test_library_logs_show_under_uvicorn_with_level_and_logger_name(setup: str, 
             assert [client.post("/things", headers=H).status_code for _ in range(2)] == [201, 201]  # shadow: admitted
             assert client.post("/typo", headers=H).status_code == 201
     lines = log.read_text().splitlines()
-    # basicConfig: "INFO quota_middleware: ..."; uvicorn's formatter: "INFO:     quota_middleware: ...".
+    # basicConfig: "WARNING quota_middleware: ..."; uvicorn's formatter: "WARNING:  quota_middleware: ...".
     level_and_name = r"^(INFO|WARNING):?\s+quota_middleware: "
     shadow = [line for line in lines if re.match(level_and_name, line) and "would have refused" in line]
     unreported = [line for line in lines if re.match(level_and_name, line) and "reports no limit" in line]
-    assert len(shadow) == 1 and shadow[0].startswith("INFO"), lines
+    assert len(shadow) == 1 and shadow[0].startswith("WARNING"), lines  # shadow refusals are warnings
     assert "project 'p1'" in shadow[0] and "things allows 1, 1 already in use" in shadow[0]
     assert len(unreported) == 1 and unreported[0].startswith("WARNING") and "'thnigs'" in unreported[0], lines
 
