@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from starlette.routing import compile_path
+
 from .engine import Demand
 from .errors import ConfigurationError, CostError, RequestError
 from .quotas import Number, to_store_units
@@ -20,11 +22,31 @@ from .windows import Period
 
 Action = Literal["consume", "release", "meter"]
 _ACTIONS = ("consume", "release", "meter")
+#: ``{name}`` in a resource template.
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: ``{name}`` or ``{name:convertor}`` in a path template, as Starlette's router reads them.
+_PATH_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z_][A-Za-z0-9_]*)?\}")
+#: An opening parenthesis of a capturing group (not an escaped one, not ``(?...``).
+_CAPTURING = re.compile(r"(?<!\\)\((?!\?)")
+#: A named group's opening.
+_NAMED_GROUP = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
 #: A cost computed from the request: takes the ASGI scope, returns a number of quota units.
 CostFn = Callable[[Scope], Number]
 #: A resource name computed from the request (e.g. from a region header).
 ResourceFn = Callable[[Scope], str]
+
+
+def _compiled(path: str) -> tuple[str, set[str]]:
+    """A path template as Starlette's router compiles it (``compile_path``): the regex without its
+    anchors, and the parameter names. So ``{id:int}`` matches what the application's route matches.
+    Unlike a Route, a rule's trailing slash is optional: the fragment is of the path without it."""
+    base = path.rstrip("/") or "/"
+    try:
+        regex, _, convertors = compile_path(base)
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise ConfigurationError(f"rule path {path!r}: {exc}") from None
+    fragment = regex.pattern.removeprefix("^").removesuffix("$")
+    return ("" if base == "/" else fragment), set(convertors)
 
 
 def _check_cost(cost: Number | CostFn, what: str) -> None:
@@ -94,6 +116,8 @@ class Rule:
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     #: The whole template, to tell which of the rules a request matched.
     _full: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    #: The template as Starlette's router compiles it (named groups), without its anchors.
+    _fragment: str = field(default="", init=False, repr=False, compare=False)
     #: ``window`` parsed (None: a count quota, unless the source reports a window).
     period: Period | None = field(default=None, init=False, repr=False, compare=False)
     #: What every request of the rule asks for, when neither resources nor costs depend on it.
@@ -105,8 +129,10 @@ class Rule:
         object.__setattr__(self, "method", self.method.upper())
         if not self.path.startswith("/"):
             raise ConfigurationError(f"rule path must start with '/': {self.path!r}")
-        if "{" in _PLACEHOLDER.sub("", self.path) or "}" in _PLACEHOLDER.sub("", self.path):
+        if "{" in _PATH_PARAM.sub("", self.path) or "}" in _PATH_PARAM.sub("", self.path):
             raise ConfigurationError(f"rule path has a malformed placeholder: {self.path!r}")
+        fragment, params = _compiled(self.path)
+        object.__setattr__(self, "_fragment", fragment)
         if self.charges is not None:
             if self.resource is not None:
                 raise ConfigurationError(f"rule {self.method} {self.path}: pass resource (and cost) or charges, "
@@ -118,12 +144,12 @@ class Rule:
         elif not self.resource:
             raise ConfigurationError("rule resource must not be empty")
         names = set() if callable(self.resource) or self.resource is None else set(_PLACEHOLDER.findall(self.resource))
-        if not names <= set(_PLACEHOLDER.findall(self.path)):
+        if not names <= params:
             raise ConfigurationError(f"rule resource {self.resource!r} names parameters the path does not have")
+        object.__setattr__(self, "_full", re.compile(fragment + "/?"))
         if names:
-            object.__setattr__(self, "_pattern", re.compile(self.pattern(named=True) + "/?"))
+            object.__setattr__(self, "_pattern", self._full)
         _check_cost(self.cost, "rule cost")
-        object.__setattr__(self, "_full", re.compile(self.pattern() + "/?"))
         if self.action not in _ACTIONS:
             raise ConfigurationError(f"rule action must be one of {_ACTIONS}, got {self.action!r}")
         if isinstance(self.limit, str):  # "10/minute"
@@ -149,12 +175,11 @@ class Rule:
                                                       for name, cost in costs.items()))
 
     def pattern(self, named: bool = False) -> str:
-        """The template as a regex fragment; a trailing slash is optional."""
-        template = self.path.rstrip("/")
-        parts = _PLACEHOLDER.split(template)
-        # split() alternates literal, placeholder name, literal, ...
-        return "".join(re.escape(p) if i % 2 == 0 else (f"(?P<{p}>[^/]+)" if named else "[^/]+")
-                       for i, p in enumerate(parts))
+        """The template as a regex fragment (a trailing slash left optional by the caller); unnamed,
+        every group is non-capturing, so that fragments can stand side by side in one regex."""
+        if named:
+            return self._fragment
+        return _CAPTURING.sub("(?:", _NAMED_GROUP.sub("(?:", self._fragment))
 
     def resource_for(self, scope: Scope) -> str:
         """The resource this request counts against (path parameters filled in)."""

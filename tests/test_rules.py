@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from middleware import Rule
+from middleware import ConfigurationError, Rule
 from middleware.rules import RuleTable
 
 
@@ -47,3 +47,28 @@ def test_method_and_path_select_the_rule(method: str, path: str, resource: str |
     table = RuleTable([Rule("post", "/v1/secrets/", "secrets"), Rule("GET", "/v1/secrets", "listing"),
                        Rule("DELETE", "/v1/secrets/{id}", "secrets", action="release"), Rule("POST", "/", "root")])
     assert resources(table, method, path) == ([] if resource is None else [resource])
+
+
+def test_templates_are_compiled_as_starlettes_router_compiles_them() -> None:
+    from starlette.routing import compile_path
+
+    table = RuleTable([Rule("DELETE", "/v1/things/{id:int}", "by-id", action="release"),
+                       Rule("GET", "/v1/price/{x:float}/{unit}", "priced"), Rule("GET", "/v1/{kind}", "listing"),
+                       Rule("GET", "/files/{p:path}", "files")])
+    assert resources(table, "DELETE", "/v1/things/12") == ["by-id"]
+    assert resources(table, "DELETE", "/v1/things/abc") == []  # what the app's {id:int} route would not match
+    assert resources(table, "GET", "/files/a/b/c.txt") == ["files"]
+    # A convertor with a group of its own (float) does not shift which rule matched.
+    assert resources(table, "GET", "/v1/price/1.5/eur") == ["priced"]
+    assert resources(table, "GET", "/v1/price") == ["listing"]
+    for path in ("/v1/things/12", "/v1/things/abc", "/files/a/b"):
+        rule_says = bool(table.match("DELETE" if "things" in path else "GET", path))
+        router_says = any(compile_path(t)[0].match(path) for t in ("/v1/things/{id:int}", "/files/{p:path}"))
+        assert rule_says == router_says, path
+
+
+def test_a_resource_named_by_a_typed_parameter_and_an_unknown_convertor() -> None:
+    rule = Rule("POST", "/regions/{region:str}/things", "things:{region}")
+    assert rule.resource_for({"path": "/regions/eu/things", "root_path": ""}) == "things:eu"
+    with pytest.raises(ConfigurationError, match="rule path"):
+        Rule("POST", "/things/{id:nosuch}", "things")
