@@ -191,8 +191,7 @@ class QuotaMiddleware:
         await self.app(scope, receive, send_watching)
         if 200 <= status < 300 and (state is None or state.get(RELEASE_CONFIRMED) is True):
             for demand in demands:  # a release counts in store units, one per quota unit
-                units = demand.cost if type(demand.cost) is int else to_store_units(demand.cost, 1)
-                await self.engine.release(Bucket(project, demand.resource), units)
+                await self.engine.release(Bucket(project, demand.resource), to_store_units(demand.cost, 1))
 
     async def _reject(self, send: Send, rejection: Rejection) -> None:
         rendered = self.renderer(rejection)

@@ -91,7 +91,7 @@ class QuotaCache:
         if quotas is not None:
             return quotas
         if not self.source.cacheable:
-            return await self.source.fetch(project, self._forwarded(headers))
+            return await self.source.fetch(project, self.forwarded(headers))
         entry = self._local.get(project)
         if self._metrics is not None:
             self._metrics.cache("miss")
@@ -105,7 +105,7 @@ class QuotaCache:
             return await asyncio.shield(pending)
         except SourceRejected:
             # Another caller's credential was refused; this caller's own may be fine.
-            return await self.source.fetch(project, self._forwarded(headers))
+            return await self.source.fetch(project, self.forwarded(headers))
 
     async def _load(self, project: str, headers: Headers, stale: _Entry | None) -> Quotas:
         until = self._backoff.get(project)
@@ -150,7 +150,7 @@ class QuotaCache:
     async def _fetch(self, project: str, headers: Headers, stale: _Entry | None, now: float) -> Quotas:
         started = time.perf_counter()
         try:
-            quotas = await self.source.fetch(project, self._forwarded(headers))
+            quotas = await self.source.fetch(project, self.forwarded(headers))
         except SourceError as exc:
             self._observe(started, type(exc).__name__.removeprefix("Source").lower())
             if isinstance(exc, SourceRejected):
@@ -255,9 +255,6 @@ class QuotaCache:
 
     def forwarded(self, headers: Headers) -> Mapping[str, str]:
         """The request headers the source needs (its credential), by name."""
-        return self._forwarded(headers)
-
-    def _forwarded(self, headers: Headers) -> Mapping[str, str]:
         if not self._forward:
             return {}
         return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in self._forward}

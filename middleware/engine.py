@@ -320,8 +320,7 @@ class QuotaEngine:
             if not self._settle_nowait(reservation, keep):
                 return False
         except StoreError as exc:
-            logger.warning(SETTLE_FAILED, reservation.bucket.project, exc,
-                           extra=_fields(reservation.bucket.project, reservation.bucket.resource, "settle_failed"))
+            _settle_failed(reservation.bucket, exc)
         if not keep:
             self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
         return True
@@ -425,7 +424,7 @@ class QuotaEngine:
         true for when the source is back."""
         now = self.clock()
         return Charge(Bucket(project, demand.resource, current_window(demand.period, now)), Limit(UNLIMITED),
-                      _units(demand.cost, 1), now)
+                      to_store_units(demand.cost, 1), now)
 
     def _store_failed(self, exc: StoreError, project: str, resource: str, shadow: bool) -> Rejection | None:
         if self.on_store_error == "fail_closed" and not shadow:
@@ -448,7 +447,7 @@ class QuotaEngine:
         now = self.clock()
         period = limit.period or demand.period
         window = None if period is None else current_window(period, now)  # None: a count quota
-        return Charge(Bucket(project, demand.resource, window), limit, _units(demand.cost, limit.scale), now)
+        return Charge(Bucket(project, demand.resource, window), limit, to_store_units(demand.cost, limit.scale), now)
 
     def _unreported(self, resource: str, quotas: Quotas) -> Limit:
         """The default limit, for a resource the source did not report; said once per resource.
@@ -562,8 +561,7 @@ class QuotaEngine:
             if not self._settle_nowait(reservation, keep):
                 await (self.store.commit(reservation) if keep else self.store.refund(reservation))
         except StoreError as exc:
-            logger.warning(SETTLE_FAILED, reservation.bucket.project, exc,
-                           extra=_fields(reservation.bucket.project, reservation.bucket.resource, "settle_failed"))
+            _settle_failed(reservation.bucket, exc)
 
     async def settle_all(self, admitted: Admitted, keep: bool) -> None:
         """Keep or give back every reservation of an admitted request, together (see settle)."""
@@ -578,16 +576,14 @@ class QuotaEngine:
             await self.store.release(bucket, units)
         except StoreError as exc:
             # The Redis store keeps sending it until it is applied (once).
-            logger.warning(SETTLE_FAILED, bucket.project, exc, extra=_fields(bucket.project, bucket.resource,
-                                                                               "settle_failed"))
+            _settle_failed(bucket, exc)
 
     async def meter(self, bucket: Bucket, amount: int) -> None:
         """Charge what a metered request used, after the fact (a store failure is logged)."""
         try:
             await self.store.charge(bucket, amount)
         except StoreError as exc:
-            logger.warning(SETTLE_FAILED, bucket.project, exc, extra=_fields(bucket.project, bucket.resource,
-                                                                               "settle_failed"))
+            _settle_failed(bucket, exc)
 
     async def aclose(self) -> None:
         """Apply pending settlements and close the store and the source's connections."""
@@ -595,9 +591,9 @@ class QuotaEngine:
         await self.source.aclose()
 
 
-def _units(cost: Number, scale: int) -> int:
-    # A whole cost (nearly always 1) needs no Decimal arithmetic.
-    return cost * scale if type(cost) is int and cost >= 0 else to_store_units(cost, scale)
+def _settle_failed(bucket: Bucket, exc: StoreError) -> None:
+    """Logged, never raised: the work is done either way, and the store (or a lease) catches up."""
+    logger.warning(SETTLE_FAILED, bucket.project, exc, extra=_fields(bucket.project, bucket.resource, "settle_failed"))
 
 
 def _fields(project: str | None, resource: str | None, outcome: str) -> dict[str, Any]:

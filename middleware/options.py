@@ -48,9 +48,3 @@ def function(name: str, value: Any, what: str) -> Any:
     if not callable(value):
         raise ConfigurationError(f"{name} must be {what}, got {value!r} ({_type_name(value)})")
     return value
-
-
-def text(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(f"{name} must be a non-empty string, got {value!r} ({_type_name(value)})")
-    return value

@@ -31,6 +31,8 @@ Number = int | float | Decimal | str
 
 def to_store_units(amount: Number, scale: int) -> int:
     """Quota units -> whole store units, rounded up so that fractional costs never undercount."""
+    if type(amount) is int and amount >= 0:  # nearly every cost (1): no Decimal arithmetic
+        return amount * scale
     try:
         value = Decimal(str(amount)) * scale
     except InvalidOperation:

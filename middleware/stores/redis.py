@@ -325,13 +325,8 @@ class RedisStore(Store, SharedState):
         async def scan() -> list[bytes]:
             return [key async for key in self.client.scan_iter(match=project_pattern(self.prefix, project), count=500)]
 
-        try:  # a scan takes several round trips: bounded as a whole, more generously than one call
-            async with asyncio.timeout(10 * self.timeout):
-                return await scan()
-        except TimeoutError as exc:
-            raise StoreError(f"Redis did not list the keys of project {project!r} in {10 * self.timeout}s") from exc
-        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
-            raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
+        # A scan takes several round trips: bounded as a whole, more generously than one call.
+        return await self._guard(scan(), timeout=10 * self.timeout)  # type: ignore[no-any-return]
 
     async def _window_end(self, project: str, resource: str, start: int) -> float:
         """A window's end, from the expiry its keys were given (the end plus a grace; see Bucket)."""
@@ -632,13 +627,15 @@ class RedisStore(Store, SharedState):
         for op in ops:
             self._enqueue(op)
 
-    async def _guard(self, awaitable: Any) -> Any:
-        """Bound every Redis call in time and turn its failures into StoreError."""
+    async def _guard(self, awaitable: Any, timeout: float | None = None) -> Any:
+        """Bound every Redis call in time (the store's ``timeout`` unless told) and turn its failures
+        into StoreError."""
+        timeout = self.timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 return await awaitable
         except TimeoutError as exc:
-            raise StoreError(f"Redis did not answer within {self.timeout}s") from exc
+            raise StoreError(f"Redis did not answer within {timeout}s") from exc
         except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
