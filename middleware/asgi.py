@@ -103,9 +103,9 @@ class QuotaMiddleware:
         if rule.action == "meter":  # the response's bytes go to one bucket: the first rule's
             demands = demands[:1]
         # A warm project on a store that decides in process is admitted without a coroutine.
-        outcome: Admitted | Rejection | None = self.engine.admit_nowait(project, demands[0]) \
-            if self.engine.decides_in_process and len(demands) == 1 and rule.action == "consume" \
-            and not shadow and not self.engine.shadow else None
+        outcome: Admitted | Rejection | None = self.engine.admit_nowait(project, *demands) \
+            if self.engine.decides_in_process and rule.action == "consume" and not shadow \
+            and not self.engine.shadow else None
         if outcome is None:
             outcome = await self.engine.admit(project, *demands, headers=scope["headers"], action=rule.action,
                                               shadow=shadow)
@@ -148,8 +148,8 @@ class QuotaMiddleware:
             await self.app(scope, receive_watching, send_with_headers)
             keep = 200 <= status < 300 and not client_gone
         finally:
-            if not self.engine.settle_nowait(admitted, keep):
-                await self.engine.settle_all(admitted, keep)
+            for reservation in self.engine.settle_nowait(admitted, keep):
+                await self.engine.settle(reservation, keep)
 
     async def _run_metered(self, scope: Scope, receive: Receive, send: Send, charge: Charge,
                            decision: Decision) -> None:

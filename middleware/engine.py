@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
-
-from cachetools import TTLCache
 
 from . import options
 from .cache import QuotaCache
@@ -193,6 +192,8 @@ class QuotaEngine:
         self.store = LeasingStore(store) if local_leases and self.shared is not None else store
         self._reserve_nowait = self.store.reserve_nowait if nowait_usable(self.store, "reserve_nowait", "reserve") \
             else _no_answer
+        self._reserve_all_nowait = self.store.reserve_all_nowait \
+            if nowait_usable(self.store, "reserve_all_nowait", "reserve_all") else _no_answer
         #: The store can decide without I/O (the memory store, local leases): admit_nowait can answer.
         self.decides_in_process = self._reserve_nowait is not _no_answer
         self._settle_nowait = self.store.settle_nowait \
@@ -217,10 +218,14 @@ class QuotaEngine:
         if parent is not None:
             options.function("parent", parent, "a callable taking a project id and returning its parent's (or None)")
         self._parent_fn = parent
-        #: project -> parent (None: none), for a cache TTL; None when no project has a parent.
-        self._parents: TTLCache[str, str | None] | None = None
+        #: project -> (parent or None, known until), for a cache TTL; None when no project has a parent.
+        self._parents: dict[str, tuple[str | None, float]] | None = None
         if parent is not None or self.source.has_parents:
-            self._parents = TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock)
+            self._parents = {}
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        #: (project, parent given, demands) -> the buckets they charge, worked out once (see _Plan).
+        self._plans: dict[tuple[str, str | None, tuple[Demand, ...]], _Plan] = {}
         data_lost = getattr(metrics, "data_lost", None)
         if callable(data_lost):
             self.store.on_data_loss(data_lost)
@@ -247,7 +252,7 @@ class QuotaEngine:
             return self._admit_all(project, demands, headers, action, shadow, parent)
         return self._admit_one(project, demands[0], headers, action, shadow)
 
-    async def _traced(self, project: str, demands: Sequence[Demand], headers: RawHeaders, action: Action,
+    async def _traced(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders, action: Action,
                       shadow: bool, parent: str | None) -> Admitted | Rejection | None:
         """A decision inside the span the metrics open (middleware.otel.QuotaTelemetry)."""
         assert self._trace is not None
@@ -289,43 +294,53 @@ class QuotaEngine:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
         return tuple.__new__(Admitted, ((charge,), (decision,)))
 
-    def admit_nowait(self, project: str, demand: Demand) -> Admitted | None:
-        """``admit`` of one consume demand when everything is at hand: the project's quotas fresh in
-        process, and a store that decides in process (the memory store, an open local lease).
-        Only an admission is answered here; None: await ``admit`` (which also decides refusals,
-        failures and shadow mode). No coroutine, no I/O: most requests of a warm project."""
-        if not self.decides_in_process or self._parents is not None or self.metrics is not None:
+    def admit_nowait(self, project: str, *demands: Demand) -> Admitted | None:
+        """``admit`` of consume demands when everything is at hand: the quotas (and any parent)
+        fresh in process, and a store that decides in process (the memory store, an open local
+        lease). Only an admission is answered here; None: await ``admit`` (which also decides
+        refusals, failures and shadow mode). No coroutine, no I/O: most requests of a warm project."""
+        if not self.decides_in_process or self.metrics is not None:
             # A store that needs I/O would make admit() look everything up again; with metrics, a
             # refusal would count its cache lookup twice.
             return None
-        quotas = self.cache.fresh(project)
-        if quotas is None:
+        if len(demands) == 1 and self._parents is None:
+            quotas = self.cache.fresh(project)
+            if quotas is None:
+                return None
+            charge = self.charge(quotas, project, demands[0])
+            decision = self._decide_nowait("consume", charge)
+            if decision is None or not decision.admitted:
+                return None  # nothing was reserved: admit() decides it again, and answers the refusal
+            # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
+            return tuple.__new__(Admitted, ((charge,), (decision,)))
+        now = self.clock()
+        plan = self._plan_nowait(project, demands, None, now)
+        if plan is None:
             return None
-        charge = self.charge(quotas, project, demand)
-        decision = self._decide_nowait("consume", charge)
-        if decision is None or not decision.admitted:
-            return None  # nothing was reserved: admit() decides it again, and answers the refusal
-        # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
-        return tuple.__new__(Admitted, ((charge,), (decision,)))
+        decisions = self._reserve_all_nowait(plan.claims, self.lease_ms)
+        if decisions is None or not decisions[0].admitted:  # all or nothing: the first says for all
+            return None
+        return tuple.__new__(Admitted, (plan.charges(now), tuple(decisions)))
 
-    def settle_nowait(self, admitted: Admitted, keep: bool) -> bool:
-        """``settle_all`` when the store settles in process or hands settlements over; False:
-        nothing was done, await ``settle_all``."""
-        if len(admitted.decisions) != 1:
-            return False
-        reservation = admitted.decisions[0].reservation
-        if reservation is None:
-            return True
-        try:
-            if not self._settle_nowait(reservation, keep):
-                return False
-        except StoreError as exc:
-            _settle_failed(reservation.bucket, exc)
-        if not keep:
-            self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
-        return True
+    def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
+        """``settle_all`` of what the store settles in process or hands over; returns the
+        reservations it could not (await ``settle`` for each)."""
+        left: tuple[Reservation, ...] = ()
+        for decision in admitted.decisions:
+            reservation = decision.reservation
+            if reservation is None:
+                continue
+            try:
+                if not self._settle_nowait(reservation, keep):
+                    left += (reservation,)
+                    continue
+            except StoreError as exc:
+                _settle_failed(reservation.bucket, exc)
+            if not keep:
+                self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
+        return left
 
-    async def _admit_all(self, project: str, demands: Sequence[Demand], headers: RawHeaders, action: Action,
+    async def _admit_all(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders, action: Action,
                          shadow: bool, parent: str | None) -> Admitted | Rejection | None:
         """Several demands, or a hierarchy: every bucket reserved in one atomic step, or none."""
         if not demands:
@@ -333,14 +348,19 @@ class QuotaEngine:
         if action != "consume":
             raise ValueError("only consume demands combine; a metered request meters one resource")
         resource = demands[0].resource
+        now = self.clock()
         try:
-            charges = await self._charges(project, demands, headers, parent)
+            plan = self._plan_nowait(project, demands, parent, now)
+            if plan is None:
+                plan = await self._plan(project, demands, headers, parent)
+                now = self.clock()
+            charges, claims = plan.charges(now), plan.claims
         except SourceError as exc:
             refusal = self._source_failed(exc, project, resource, shadow)
             if not isinstance(refusal, _CountUnlimited):
                 return refusal
-            charges = _merged([self._unlimited(project, demand) for demand in demands])
-        claims = [Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges]
+            charges = tuple(_merged([self._unlimited(project, demand) for demand in demands]))
+            claims = tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges)
         try:
             decisions = await self.store.reserve_all(claims, self.lease_ms)
             if not all(decision.admitted for decision in decisions):
@@ -360,35 +380,68 @@ class QuotaEngine:
         if self.metrics is not None:
             for charge, decision in zip(charges, decisions, strict=True):
                 self.metrics.admitted(charge.bucket.resource, charge.bucket.project, decision.used, decision.limit)
-        return Admitted(tuple(charges), tuple(decisions))
+        return tuple.__new__(Admitted, (charges, tuple(decisions)))
 
-    async def _charges(self, project: str, demands: Sequence[Demand], headers: RawHeaders,
-                       parent: str | None) -> list[Charge]:
-        """Every bucket the demands charge: the project's, and its parent's (strict two-level:
-        a parent's limit covers its own usage and its children's); a bucket named twice once."""
-        levels = [project]
+    def _plan_nowait(self, project: str, demands: tuple[Demand, ...], parent: str | None,
+                     now: float) -> _Plan | None:
+        """The plan of the demands when everything it needs is at hand (None: await _plan)."""
+        key_parent = parent
         if parent is None and self._parents is not None:
-            known = self._parents.get(project, _UNKNOWN)  # most often at hand: no coroutine
-            parent = await self.parent_of(project, headers) if known is _UNKNOWN else known  # type: ignore[assignment]
+            known = self._parents.get(project)
+            if known is None or now >= known[1]:
+                return None
+            parent = known[0]
+        quotas = self.cache.fresh(project)
+        if quotas is None:
+            return None
+        parent_quotas = None
         if parent is not None:
-            if parent == project:
-                raise SourceInvalid(f"project {project!r} is its own parent")
-            levels.append(parent)
-        charges = []
-        for level in levels:
-            quotas = self.cache.fresh(level) or await self.cache.get(level, headers)
+            parent_quotas = self.cache.fresh(parent)
+            if parent_quotas is None or parent == project:
+                return None
+        plan = self._plans.get((project, key_parent, demands))
+        if plan is not None and now < plan.until and plan.quotas is quotas and plan.parent == parent \
+                and plan.parent_quotas is parent_quotas:
+            return plan
+        return self._new_plan(project, demands, key_parent, parent, quotas, parent_quotas, now)
+
+    async def _plan(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders,
+                    parent: str | None) -> _Plan:
+        """The plan of the demands, looking up what is not at hand (the parent, the quotas)."""
+        key_parent = parent
+        if parent is None:
+            parent = await self.parent_of(project, headers)
+        if parent == project:
+            raise SourceInvalid(f"project {project!r} is its own parent")
+        quotas = self.cache.fresh(project) or await self.cache.get(project, headers)
+        parent_quotas = None if parent is None else self.cache.fresh(parent) or await self.cache.get(parent, headers)
+        return self._new_plan(project, demands, key_parent, parent, quotas, parent_quotas, self.clock())
+
+    def _new_plan(self, project: str, demands: tuple[Demand, ...], key_parent: str | None, parent: str | None,
+                  quotas: Quotas, parent_quotas: Quotas | None, now: float) -> _Plan:
+        """Every bucket the demands charge: the project's, and its parent's (strict two-level: a
+        parent's limit covers its own usage and its children's); a bucket named twice once."""
+        charges = [self.charge(quotas, project, demand, now) for demand in demands]
+        if parent is not None and parent_quotas is not None:
             # A limit written on a rule is the project's own (a rate limit): not the parent's.
-            charges += [self.charge(quotas, level, d) for d in demands if level == project or d.limit is None]
-        return _merged(charges)
+            charges += [self.charge(parent_quotas, parent, d, now) for d in demands if d.limit is None]
+        charges = _merged(charges)
+        until = min((c.bucket.window.end for c in charges if c.bucket.window is not None), default=math.inf)
+        plan = _Plan(quotas, parent, parent_quotas, tuple((c.bucket, c.limit, c.units) for c in charges),
+                     tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges), until)
+        if len(self._plans) >= self._cache_size:  # bounded: a flood of projects starts it afresh
+            self._plans.clear()
+        self._plans[(project, key_parent, demands)] = plan
+        return plan
 
     async def parent_of(self, project: str, headers: RawHeaders = []) -> str | None:  # noqa: B006
         """The project's parent: from the engine's ``parent`` function, else from the source (None:
         a project of its own). Remembered for the cache's TTL."""
         if self._parents is None:
             return None
-        known = self._parents.get(project, _UNKNOWN)
-        if known is not _UNKNOWN:
-            return known  # type: ignore[return-value]
+        known = self._parents.get(project)
+        if known is not None and self.clock() < known[1]:
+            return known[0]
         if self._parent_fn is not None:
             found = self._parent_fn(project)
             parent = await found if inspect.isawaitable(found) else found
@@ -396,7 +449,9 @@ class QuotaEngine:
             parent = await self.source.parent_of(project, self.cache.forwarded(headers))
         if parent is not None and (not isinstance(parent, str) or not parent):
             raise SourceInvalid(f"the parent of project {project!r} is not a project id: {parent!r}")
-        self._parents[project] = parent
+        if len(self._parents) >= self._cache_size:
+            self._parents.clear()
+        self._parents[project] = (parent, self.clock() + self._cache_ttl)
         return parent
 
     def _source_failed(self, exc: SourceError, project: str, resource: str,
@@ -436,7 +491,7 @@ class QuotaEngine:
         self.record_outcome(resource, "failed_open", project)
         return None
 
-    def charge(self, quotas: Quotas, project: str, demand: Demand) -> Charge:
+    def charge(self, quotas: Quotas, project: str, demand: Demand, now: float | None = None) -> Charge:
         """The demand against the project's effective limit, in the window it counts in now."""
         if demand.limit is not None:
             limit = Limit(UNLIMITED if demand.limit < 0 else demand.limit)
@@ -444,7 +499,8 @@ class QuotaEngine:
             limit = quotas.limits.get(demand.resource)  # type: ignore[assignment]
             if limit is None:
                 limit = self._unreported(demand.resource, quotas)
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         period = limit.period or demand.period
         window = None if period is None else current_window(period, now)  # None: a count quota
         return Charge(Bucket(project, demand.resource, window), limit, to_store_units(demand.cost, limit.scale), now)
@@ -512,7 +568,7 @@ class QuotaEngine:
     async def check(self, project: str, deltas: Deltas, *, parent: str | None = None) -> Rejection | None:
         """Would ``deltas`` fit now? None if so, else the Rejection a reservation would get. Reserves
         nothing: another request may take what is left before you reserve it."""
-        charges = await self._charges(project, _demands(deltas), [], parent)
+        charges = (await self._plan(project, _demands(deltas), [], parent)).charges(self.clock())
         overrides: dict[str, dict[str, int]] = {}
         for charge in charges:
             bucket = charge.bucket
@@ -672,12 +728,29 @@ class ShadowLog:
                        extra=_fields(project, resource, "shadow_rejected"))
 
 
+@dataclass(slots=True, eq=False)
+class _Plan:
+    """The buckets one project's demands charge, worked out once and reused while the quotas it
+    was made from are the cache's (the very objects), its parent the same and its windows current."""
+
+    quotas: Quotas
+    parent: str | None
+    parent_quotas: Quotas | None
+    #: (bucket, limit, units) of each bucket charged, a bucket named twice once.
+    parts: tuple[tuple[Bucket, Limit, int], ...]
+    claims: tuple[Claim, ...]
+    #: When the plan is over: its first window's end.
+    until: float
+
+    def charges(self, now: float) -> tuple[Charge, ...]:
+        return tuple([Charge(bucket, limit, units, now) for bucket, limit, units in self.parts])
+
+
 class _CountUnlimited:
     """What _source_failed answers for "fail open: admit, counting against no limit"."""
 
 
 COUNT_UNLIMITED = _CountUnlimited()
-_UNKNOWN = object()
 
 
 def _merged(charges: list[Charge]) -> list[Charge]:

@@ -16,9 +16,12 @@ from middleware import (
     Bucket,
     ConfigurationError,
     Demand,
+    Period,
     QuotaEngine,
     QuotaExceeded,
     QuotaMiddleware,
+    Quotas,
+    QuotaSource,
     Rejection,
     Rule,
     StaticSource,
@@ -115,6 +118,77 @@ async def test_a_project_that_is_its_own_parent_is_a_503_not_a_500(store: Store,
     async with client(app) as c:
         answer = await c.post("/things", headers=HEADERS)
     assert answer.status_code == 503 and answer.json()["code"] == 503
+
+
+async def test_what_a_request_charges_follows_its_quotas_its_parent_and_the_window(store: Store,
+                                                                                     clock: FakeClock) -> None:
+    """The buckets and limits of a request are worked out once and reused (middleware/engine.py's
+    _Plan): a refreshed limit, a new parent and a new window must each be seen at once."""
+
+    class Changing(QuotaSource):
+        limits = {"things": 5}
+
+        async def fetch(self, project: str, headers: Any) -> Quotas:
+            return Quotas(dict(self.limits))
+
+    parents = {"p": "org1"}
+    rules = [Rule("POST", "/things", "things"), Rule("POST", "/things", "things:rate", limit="3/hour")]
+    app = guarded(store, clock, rules, {}, parent=parents.get, cache_ttl=10)
+    app.engine.cache.source = app.engine.source = Changing()
+    hour = Period.parse("hour")
+    async with client(app) as c:
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201
+        Changing.limits, parents["p"] = {"things": 1}, "org2"
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201  # within the TTL: as before
+        clock.advance(11)  # the same hour, a new TTL: limit 1 (2 in use), parent org2
+        refused = await c.post("/things", headers=HEADERS)
+        assert refused.status_code == 403 and "things allows 1, 2 already in use" in refused.json()["description"]
+        Changing.limits = {"things": 4}
+        clock.advance(11)
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201
+        first_hour = hour.window_at(clock.now)
+        assert (await c.post("/things", headers=HEADERS)).status_code == 429  # 3 an hour
+        clock.advance(3600)
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201  # a new hour
+    assert await used(store, Bucket("p", "things"), Bucket("org1", "things"), Bucket("org2", "things"),
+                      Bucket("p", "things:rate", first_hour),
+                      Bucket("p", "things:rate", hour.window_at(clock.now))) == [4, 2, 2, 3, 1]
+
+
+async def test_several_charges_follow_a_refreshed_limit_at_once(store: Store, clock: FakeClock) -> None:
+    class Changing(QuotaSource):
+        limits = {"things": 5}
+
+        async def fetch(self, project: str, headers: Any) -> Quotas:
+            return Quotas(dict(self.limits))
+
+    rules = [Rule("POST", "/things", "things"), Rule("POST", "/things", "things:rate", limit="9/hour"),
+             Rule("POST", "/containers", "things")]
+    app = guarded(store, clock, rules, {}, cache_ttl=10)
+    app.engine.cache.source = app.engine.source = Changing()
+    async with client(app) as c:
+        assert [(await c.post("/things", headers=HEADERS)).status_code for _ in range(2)] == [201, 201]
+        Changing.limits = {"things": 2}
+        clock.advance(11)
+        # Another route refreshes the project's quotas first; /things must see them too.
+        assert (await c.post("/containers", headers=HEADERS)).status_code == 403
+        refused = await c.post("/things", headers=HEADERS)
+        assert refused.status_code == 403 and "things allows 2, 2 already in use" in refused.json()["description"]
+
+
+async def test_several_charges_follow_a_new_parent_at_once(store: Store, clock: FakeClock) -> None:
+    parents = {"p": "org1"}
+    rules = [Rule("POST", "/things", "things"), Rule("POST", "/things", "things:rate", limit="9/hour"),
+             Rule("POST", "/containers", "things")]
+    app = guarded(store, clock, rules, {"things": 9}, parent=parents.get, cache_ttl=10)
+    async with client(app) as c:
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201
+        parents["p"] = "org2"
+        clock.advance(11)
+        # Another route looks the parent up first; /things must charge the new one too.
+        assert (await c.post("/containers", headers=HEADERS)).status_code == 201
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201
+    assert await used(store, Bucket("org1", "things"), Bucket("org2", "things")) == [1, 2]
 
 
 def test_rule_limits_are_checked_at_start_up() -> None:

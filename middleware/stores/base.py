@@ -133,6 +133,10 @@ class Store(ABC):
         exceeds its (applied) ``limit``. Buckets must be distinct (the engine sums repeats).
         """
 
+    def reserve_all_nowait(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision] | None:
+        """``reserve_all`` when the store can decide in process (the memory store); None: await it."""
+        return None
+
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision | None:
         """``reserve`` when the store can decide in process, with no I/O; None: await ``reserve``.
 

@@ -77,7 +77,8 @@ class MemoryStore(Store):
         return self.reserve_nowait(bucket, cost, limit, lease_ms, scale)
 
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
-        limit = self._effective(bucket, limit, scale)
+        if self._overrides:  # most deployments set none: no lookup per request then
+            limit = self._effective(bucket, limit, scale)
         now = self._now_ms()
         used = self._used.get(bucket, 0)
         if 0 <= limit < used + cost:
@@ -89,18 +90,25 @@ class MemoryStore(Store):
         return self._take(bucket, cost, limit, used, now + lease_ms)
 
     async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        return self.reserve_all_nowait(claims, lease_ms)
+
+    def reserve_all_nowait(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         now = self._now_ms()
-        decisions = []
-        for claim in claims:  # every bucket checked before any is touched: all or nothing
-            limit = self._effective(claim.bucket, claim.limit, claim.scale)
-            used = self._used.get(claim.bucket, 0)
-            if 0 <= limit < used + claim.cost:
-                used = self._purge(claim.bucket, now)
-            decisions.append(Decision(limit < 0 or used + claim.cost <= limit, used, limit))
-        if not all(decision.admitted for decision in decisions):
-            return [decision._replace(admitted=False) for decision in decisions]
-        return [self._take(claim.bucket, claim.cost, decision.limit, decision.used, now + lease_ms)
-                for claim, decision in zip(claims, decisions, strict=True)]
+        seen: list[tuple[int, int]] = []
+        fits = True
+        for bucket, cost, limit, scale in claims:  # every bucket checked before any is touched: all or nothing
+            if self._overrides:
+                limit = self._effective(bucket, limit, scale)
+            used = self._used.get(bucket, 0)
+            if 0 <= limit < used + cost:
+                used = self._purge(bucket, now)
+                fits = fits and used + cost <= limit
+            seen.append((used, limit))
+        if not fits:
+            return [Decision(False, used, limit) for used, limit in seen]
+        expires = now + lease_ms
+        return [self._take(claim[0], claim[1], limit, used, expires)
+                for claim, (used, limit) in zip(claims, seen, strict=True)]
 
     def _take(self, bucket: Bucket, cost: int, limit: int, used: int, expires_ms: int) -> Decision:
         used += cost
