@@ -88,8 +88,7 @@ class QuotaMiddleware:
         shadow = rule.shadow if len(rules) == 1 else all(r.shadow for r in rules)
         try:
             project = self.identity(scope)
-            demands = rule.demands_for(scope) if len(rules) == 1 else \
-                tuple(demand for r in rules for demand in r.demands_for(scope))
+            demands = self.rules.demands_for(rules, scope)
         except RequestError as exc:
             if self.engine.shadow or shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)

@@ -777,11 +777,14 @@ def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *
     states: list[bytes] = []
     own = charges[0].bucket.project
     for charge, decision in zip(charges, decisions, strict=True):
+        if decision.limit < 0:
+            continue  # unlimited: no policy to state
         used = decision.used - charge.units if refused and decision.admitted else decision.used
         bucket = charge.bucket  # a parent's policy is named with its project: "acme/servers"
         policy = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
-        for name, value in charge.headers(decision, used, policy):
-            (policies if name == b"ratelimit-policy" else states).append(value)
+        (_, policy_value), (_, state_value) = charge.headers(decision, used, policy)
+        policies.append(policy_value)
+        states.append(state_value)
     if not policies:
         return []
     return [(b"ratelimit-policy", b", ".join(policies)), (b"ratelimit", b", ".join(states))]

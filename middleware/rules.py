@@ -267,6 +267,22 @@ class RuleTable:
                     found = self._match_pattern(rule.method, path)
                     if found:
                         self._exact.setdefault(rule.method, {})[path] = found
+        #: The demands of several rules a path matches, when none of them computes a cost: made
+        #: once, keyed by the very tuple of rules match() answers (identity checked).
+        self._combined: dict[int, tuple[tuple[Rule, ...], tuple[Demand, ...]]] = {}
+        for paths in self._exact.values():
+            for found in paths.values():
+                if len(found) > 1 and all(rule.demands is not None for rule in found):
+                    self._combined[id(found)] = (found, tuple(d for rule in found for d in rule.demands or ()))
+
+    def demands_for(self, rules: tuple[Rule, ...], scope: Scope) -> tuple[Demand, ...]:
+        """What a request the ``rules`` match asks for, all of them together."""
+        if len(rules) == 1:
+            return rules[0].demands_for(scope)
+        known = self._combined.get(id(rules))
+        if known is not None and known[0] is rules:
+            return known[1]
+        return tuple(demand for rule in rules for demand in rule.demands_for(scope))
 
     def match(self, method: str, path: str) -> tuple[Rule, ...]:
         """The rules that apply to ``method path``, in their order (empty: an unguarded request)."""
