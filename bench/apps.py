@@ -12,6 +12,10 @@
   one rule on ``POST /v1/secrets`` and ``StaticSource({"secrets": QUOTA_LIMIT})``.
 - ``guarded_app``: the same on ``RedisStore(REDIS_URL)``; with ``QUOTA_LOCAL_LEASES=1``, local
   leases on (``QuotaMiddleware(local_leases=True)``).
+- ``charges_app``: the same app in bench/charges.py's set-ups (``charged``): ``QUOTA_BUCKETS=1``,
+  one rule and a count quota; ``QUOTA_BUCKETS=3``, also a per-minute limit on a second rule and the
+  cap of every project's parent, ``org``. ``QUOTA_STORE=memory`` (MemoryStore) or ``redis``
+  (``RedisStore(REDIS_URL)``, leases off). Its limit is always -1, as in charges.py.
 
 ``QUOTA_LIMIT`` (default -1) is the limit of every project: -1 is unlimited (every request still
 reserves and commits; no RateLimit headers are sent), a large number is a limit never reached
@@ -26,6 +30,7 @@ the middleware's public API.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -125,6 +130,41 @@ def build_guarded_app(redis_url: str) -> Any:
     )
 
 
+def charged(app: Any, store: Any, buckets: int, projects: Iterable[str]) -> Any:
+    """``app`` guarded by 1 bucket (a count quota) or 3 (also a per-minute limit on a second rule,
+    and the cap of ``projects``' parent, ``org``): every request charges all of them."""
+    from middleware import QuotaEngine, QuotaMiddleware, Rule, StaticSource
+
+    rules = [Rule("POST", "/v1/secrets", "secrets")]
+    parent = None
+    if buckets == 3:
+        # A limit never reached: the per-minute bucket is charged on every request, never refuses.
+        rules.append(Rule("POST", "/v1/secrets", "secrets:rate", limit=f"{10**12}/minute"))
+        parent = dict.fromkeys(projects, "org").get
+    engine = QuotaEngine(source=StaticSource({"secrets": -1}), store=store, parent=parent)
+    return QuotaMiddleware(app, rules=rules, engine=engine)
+
+
+def build_charges_app() -> Any:
+    from harness import PROJECTS  # the X-Project-Id values wrk sends: all of them get the parent
+
+    from middleware import MemoryStore, RedisStore
+
+    buckets, store = os.environ.get("QUOTA_BUCKETS", "1"), os.environ.get("QUOTA_STORE", "memory")
+    if buckets not in ("1", "3") or store not in ("memory", "redis"):
+        raise RuntimeError(f"charges_app needs QUOTA_BUCKETS=1|3 and QUOTA_STORE=memory|redis, "
+                           f"got {buckets!r} and {store!r}")
+    return charged(build_app(), MemoryStore() if store == "memory" else RedisStore(_redis_url("charges_app")),
+                   int(buckets), PROJECTS)
+
+
+def _redis_url(app: str) -> str:
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        raise RuntimeError(f"{app} needs REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    return url
+
+
 bare_app = build_app()
 null_app = NullMiddleware(build_app())
 minimal_app = MinimalCounting(build_app())
@@ -132,14 +172,10 @@ _built: dict[str, Any] = {}
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: build the guarded apps only when asked for
-    if name not in ("guarded_app", "memory_app"):
+    builders = {"guarded_app": lambda: build_guarded_app(_redis_url(name)), "memory_app": build_memory_app,
+                "charges_app": build_charges_app}
+    if name not in builders:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in _built:
-        if name == "memory_app":
-            _built[name] = build_memory_app()
-        else:
-            url = os.environ.get("REDIS_URL")
-            if not url:
-                raise RuntimeError("guarded_app needs REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
-            _built[name] = build_guarded_app(url)
+        _built[name] = builders[name]()
     return _built[name]
