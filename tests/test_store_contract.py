@@ -234,6 +234,25 @@ async def test_a_corrupt_counter_fails_alone(store: Store) -> None:
     assert await store.client.get(counter) == b"not-a-number"  # nothing was made up
 
 
+async def test_a_group_with_a_corrupt_counter_fails_whole_and_holds_nothing(store: Store) -> None:
+    store = getattr(store, "inner", store)
+    if not isinstance(store, RedisStore):
+        pytest.skip("only Redis can be corrupted from outside")
+    good, bad, alone = Bucket("p", "good"), Bucket("p", "bad"), Bucket("q", "alone")
+    counter, *_ = counter_keys(store.prefix, "p", "bad")
+    await store.client.set(counter, b"not-a-number")
+    # Two groups and a single reserve in one script call: the bad group fails, the others are answered.
+    results = await asyncio.gather(store.reserve_all([Claim(good, 1, 5), Claim(bad, 1, 5)], LEASE),
+                                   store.reserve_all([Claim(alone, 1, 5), Claim(good, 1, 5)], LEASE),
+                                   store.reserve(alone, 1, 5, LEASE), return_exceptions=True)
+    assert isinstance(results[0], StoreError) and "not a number" in str(results[0])
+    assert isinstance(results[1], list) and [d.used for d in results[1]] == [1, 1]
+    assert isinstance(results[2], Decision) and results[2].used == 2
+    await store.flush()
+    assert await store.usage(good) == 1  # the failed group's good bucket holds nothing
+    assert await store.client.get(counter) == b"not-a-number"
+
+
 async def test_a_settlement_on_a_corrupt_counter_is_given_up_loudly_and_changes_nothing(
         store: Store, caplog: pytest.LogCaptureFixture) -> None:
     store = getattr(store, "inner", store)

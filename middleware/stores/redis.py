@@ -109,14 +109,15 @@ class _Op(NamedTuple):
     scale: int
     #: The resource's field in the overrides hash ("-" where no override can apply).
     field: str
-    #: None for settlements, which nobody waits for.
-    future: asyncio.Future[tuple[int, int, int]] | None
+    #: None for settlements, which nobody waits for. The operations of a group share one, which
+    #: gets every answer of the group at once (a list of them).
+    future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
-        future: asyncio.Future[tuple[int, int, int]] | None = None, retry_since: float | None = None,
+        future: asyncio.Future[Any] | None = None, retry_since: float | None = None,
         scale: int = 1) -> _Op:
     keys, field = _keys(prefix, bucket)
     return _Op(keys, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, scale,
@@ -221,20 +222,12 @@ class RedisStore(Store, SharedState):
         # One group in one script call: consecutive in the queue (nothing awaits in between), and
         # never split between calls (see _take).
         group, lease_until = new_id(), int(self._clock() * 1000) + lease_ms
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[tuple[int, int, int]]] = []
+        # One future for the group: every answer comes from the same script reply (see _send).
+        future: asyncio.Future[list[tuple[int, int, int]]] = asyncio.get_running_loop().create_future()
         for claim in claims:
-            futures.append(loop.create_future())
             self._enqueue(_op(self.prefix, claim.bucket, RESERVE_IN_GROUP, claim.cost, claim.limit,
-                              member(group, claim.cost), lease_until, futures[-1], scale=claim.scale))
-        # Every answer comes from the same script reply: awaited in turn, no gather machinery.
-        try:
-            answers = [await future for future in futures]
-        except BaseException:
-            for future in futures:  # the others failed alike: retrieved, so that none is reported unseen
-                if future.done() and not future.cancelled():
-                    future.exception()
-            raise
+                              member(group, claim.cost), lease_until, future, scale=claim.scale))
+        answers = await future
         admitted = all(flag == 1 for flag, _, _ in answers)
         return [Decision(admitted, used, limit,
                          Reservation(claim.bucket, claim.cost, member(group, claim.cost), lease_until) if admitted
@@ -490,6 +483,7 @@ class RedisStore(Store, SharedState):
                 raise
             return
         refused = False
+        group: list[tuple[int, int, int]] = []  # the answers of the group being read
         for i, op in enumerate(ops):
             flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
             if flag < 0:
@@ -503,6 +497,12 @@ class RedisStore(Store, SharedState):
                 # The caller went away while its reservation was in flight: give it straight back.
                 if op.kind in RESERVING and flag == 1:
                     self._enqueue(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()))
+            elif op.kind == RESERVE_IN_GROUP:  # consecutive, one future: answered at the group's last
+                if i == 0 or ops[i - 1].future is not op.future:
+                    group = []
+                group.append((flag, used, limit))
+                if (i + 1 == len(ops) or ops[i + 1].future is not op.future) and not op.future.done():
+                    op.future.set_result(group)
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
         if not refused:  # Redis applies again: what waits to be sent again goes now
@@ -608,6 +608,7 @@ class RedisStore(Store, SharedState):
         await self._batch_connection.disconnect(nowait=True)
 
     def _fail(self, op: _Op, error: StoreError, *, retry: bool) -> None:
+        # A group's future: the first failure answers the whole group.
         if op.future is not None and not op.future.done():
             op.future.set_exception(error)
         if op.retry_since is None:
