@@ -23,7 +23,7 @@ from .cache import QuotaCache
 from .errors import ConfigurationError, QuotaExceeded, SourceError, SourceInvalid, SourceRejected, StoreError
 from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
-from .rendering import Rejection, format_amount, iso_time, ratelimit_headers
+from .rendering import Rejection, format_amount, iso_time, limit_headers
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store
 from .stores.leasing import LeasingStore
@@ -88,9 +88,9 @@ class Charge:
     now: float
 
     def headers(self, decision: Decision, used: int | None = None, name: str | None = None) -> RawHeaders:
-        limit = self.limit if decision.limit == self.limit.value else replace(self.limit, value=decision.limit)
-        used = decision.used if used is None else used
-        return ratelimit_headers(name or self.bucket.resource, limit, used, self.bucket.window, self.now)
+        """RateLimit headers of the limit the decision applied (an operator's override, maybe)."""
+        return limit_headers(name or self.bucket.resource, decision.limit, self.limit.scale,
+                                 decision.used if used is None else used, self.bucket.window, self.now)
 
     def rejection(self, decision: Decision) -> Rejection:
         """Over quota: the limit applied may be an operator's override of the source's."""
@@ -782,7 +782,8 @@ def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *
         used = decision.used - charge.units if refused and decision.admitted else decision.used
         bucket = charge.bucket  # a parent's policy is named with its project: "acme/servers"
         policy = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
-        (_, policy_value), (_, state_value) = charge.headers(decision, used, policy)
+        (_, policy_value), (_, state_value) = limit_headers(policy, decision.limit, charge.limit.scale, used,
+                                                           bucket.window, charge.now)
         policies.append(policy_value)
         states.append(state_value)
     if not policies:

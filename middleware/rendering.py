@@ -96,13 +96,18 @@ def ratelimit_headers(resource: str, limit: Limit, used: int, window: Window | N
     Quantities are whole quota units (remaining rounded down). A count quota has no window, so
     neither ``w`` nor ``t`` is sent; an unlimited one sends nothing.
     """
-    if limit.value < 0:
+    return limit_headers(resource, limit.value, limit.scale, used, window, now)
+
+
+def limit_headers(resource: str, value: int, scale: int, used: int, window: Window | None, now: float) -> RawHeaders:
+    """``ratelimit_headers`` of a limit of ``value`` store units, ``scale`` to a quota unit."""
+    if value < 0:
         return []
-    seconds = None if window is None else max(1, round(window.seconds))
-    name, policy = _policy(resource, limit.value // limit.scale, seconds)
-    state = name + b";r=" + str(max(0, limit.value - used) // limit.scale).encode()
+    seconds = None if window is None else max(1, round(window.end - window.start))
+    name, policy = _policy(resource, value // scale, seconds)
+    state = b"%s;r=%d" % (name, max(0, value - used) // scale)
     if window is not None:
-        state += b";t=" + str(max(0, math.ceil(window.end - now))).encode()
+        state += b";t=%d" % max(0, math.ceil(window.end - now))
     return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
 
 

@@ -89,6 +89,20 @@ async def test_commit_after_lease_expiry_counts_the_creation_again(store: Store,
     assert await store.usage(B) == 1
 
 
+async def test_a_group_committed_after_its_leases_expired_counts_in_every_bucket_once(store: Store,
+                                                                                       clock: FakeClock) -> None:
+    other = Bucket("org", "secrets")
+    slow = await store.reserve_all([Claim(B, 1, 5), Claim(other, 2, 5)], LEASE)
+    clock.advance(LEASE / 1000 + 1)
+    assert [await store.usage(b) for b in (B, other)] == [0, 0]
+    for decision in slow:
+        assert decision.reservation
+        await store.commit(decision.reservation)
+        await store.commit(decision.reservation)  # sent twice: still once
+    await store.flush()
+    assert [await store.usage(b) for b in (B, other)] == [1, 2]
+
+
 async def test_release_gives_back_never_below_zero(store: Store) -> None:
     for _ in range(2):
         decision = await store.reserve(B, 1, 5, LEASE)

@@ -25,8 +25,9 @@ class MemoryStore(Store):
         self._used: dict[Bucket, int] = {}
         # bucket -> {member: (expires_ms, cost)}; a bucket's dict is dropped once empty.
         self._leases: dict[Bucket, dict[str, tuple[int, int]]] = {}
-        # member -> forget-after ms: leases that expired unsettled, so a late commit counts once.
-        self._expired: dict[str, int] = {}
+        # (bucket, member) -> forget-after ms: leases that expired unsettled, so that a late commit
+        # counts once (a group's reservations share their member, one in each bucket).
+        self._expired: dict[tuple[Bucket, str], int] = {}
         self._overrides: dict[str, dict[str, int]] = {}
         self._commits: dict[Bucket, int] = {}
         self._members = itertools.count()
@@ -50,8 +51,8 @@ class MemoryStore(Store):
             self._leases.pop(bucket, None)
         for bucket in list(self._leases):
             self._purge(bucket, now)
-        for member in [m for m, until in self._expired.items() if until <= now]:
-            del self._expired[member]
+        for lease in [m for m, until in self._expired.items() if until <= now]:
+            del self._expired[lease]
 
     def _purge(self, bucket: Bucket, now_ms: int) -> int:
         leases = self._leases.get(bucket)
@@ -60,7 +61,7 @@ class MemoryStore(Store):
             expired = [m for m, (exp, _) in leases.items() if exp <= now_ms]
             for member in expired:
                 used -= leases.pop(member)[1]
-                self._expired[member] = now_ms + REMEMBER_MS
+                self._expired[bucket, member] = now_ms + REMEMBER_MS
             if not leases:
                 del self._leases[bucket]
             used = max(0, used)
@@ -106,15 +107,15 @@ class MemoryStore(Store):
             seen.append((used, limit))
         if not fits:
             return [Decision(False, used, limit) for used, limit in seen]
-        expires = now + lease_ms
-        return [self._take(claim[0], claim[1], limit, used, expires)
+        expires, member = now + lease_ms, str(next(self._members))  # one member: each bucket has its own leases
+        return [self._take(claim[0], claim[1], limit, used, expires, member)
                 for claim, (used, limit) in zip(claims, seen, strict=True)]
 
-    def _take(self, bucket: Bucket, cost: int, limit: int, used: int, expires_ms: int) -> Decision:
+    def _take(self, bucket: Bucket, cost: int, limit: int, used: int, expires_ms: int, member: str = "") -> Decision:
         used += cost
         self._used[bucket] = used
         # A member unique in this process is enough here (no other process shares the store).
-        member = str(next(self._members))
+        member = member or str(next(self._members))
         leases = self._leases.get(bucket)
         if leases is None:
             leases = self._leases[bucket] = {}
@@ -158,14 +159,14 @@ class MemoryStore(Store):
             self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
             return
         # The lease expired and was given back: the creation happened, so count it again (once).
-        if self._expired.pop(reservation.member, None) is not None:
+        if self._expired.pop((bucket, reservation.member), None) is not None:
             self._used[bucket] = self._used.get(bucket, 0) + reservation.cost
             self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
 
     def _refund(self, reservation: Reservation) -> None:
         leases = self._leases.get(reservation.bucket)
         if leases is None or leases.pop(reservation.member, None) is None:
-            self._expired.pop(reservation.member, None)
+            self._expired.pop((reservation.bucket, reservation.member), None)
             return  # already given back when its lease expired
         if not leases:
             del self._leases[reservation.bucket]

@@ -119,9 +119,10 @@ class _Op(NamedTuple):
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
         future: asyncio.Future[Any] | None = None, retry_since: float | None = None,
         scale: int = 1) -> _Op:
-    keys, field = _keys(prefix, bucket)
-    return _Op(keys, kind, member or "-", amount, limit, lease_until, bucket.expires_ms, scale,
-               field if kind in _OVERRIDABLE else "-", future, retry_since)
+    keys, field, expires = _keys(prefix, bucket)
+    # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
+    return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, expires, scale,
+                               field if kind in _OVERRIDABLE else "-", future, retry_since))
 
 
 def _refused(claim: Claim, decision: Decision | None) -> Decision:
@@ -137,13 +138,13 @@ def _group(op: _Op) -> str:
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str]:
+def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str, int]:
     # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
     window = None if bucket.window is None else int(bucket.window.start)
     counter, leases, settled = counter_keys(prefix, bucket.project, bucket.resource, window)
     keys = (counter, leases, settled, overrides_key(prefix, bucket.project),
             commits_key(prefix, bucket.project, bucket.resource, window))
-    return keys, escape(bucket.resource)
+    return keys, escape(bucket.resource), bucket.expires_ms
 
 
 
