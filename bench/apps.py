@@ -130,9 +130,9 @@ def build_guarded_app(redis_url: str) -> Any:
     )
 
 
-def charged(app: Any, store: Any, buckets: int, projects: Iterable[str]) -> Any:
-    """``app`` guarded by 1 bucket (a count quota) or 3 (also a per-minute limit on a second rule,
-    and the cap of ``projects``' parent, ``org``): every request charges all of them."""
+def charged(app: Any, store: Any, buckets: int, projects: Iterable[str], limit: int = -1) -> Any:
+    """``app`` guarded by 1 bucket (a count quota of ``limit``) or 3 (also a per-minute limit on a
+    second rule, and the cap of ``projects``' parent, ``org``): every request charges all of them."""
     from middleware import QuotaEngine, QuotaMiddleware, Rule, StaticSource
 
     rules = [Rule("POST", "/v1/secrets", "secrets")]
@@ -141,7 +141,7 @@ def charged(app: Any, store: Any, buckets: int, projects: Iterable[str]) -> Any:
         # A limit never reached: the per-minute bucket is charged on every request, never refuses.
         rules.append(Rule("POST", "/v1/secrets", "secrets:rate", limit=f"{10**12}/minute"))
         parent = dict.fromkeys(projects, "org").get
-    engine = QuotaEngine(source=StaticSource({"secrets": -1}), store=store, parent=parent)
+    engine = QuotaEngine(source=StaticSource({"secrets": limit}), store=store, parent=parent)
     return QuotaMiddleware(app, rules=rules, engine=engine)
 
 
@@ -155,7 +155,7 @@ def build_charges_app() -> Any:
         raise RuntimeError(f"charges_app needs QUOTA_BUCKETS=1|3 and QUOTA_STORE=memory|redis, "
                            f"got {buckets!r} and {store!r}")
     return charged(build_app(), MemoryStore() if store == "memory" else RedisStore(_redis_url("charges_app")),
-                   int(buckets), PROJECTS)
+                   int(buckets), PROJECTS, _limit())
 
 
 def _redis_url(app: str) -> str:

@@ -11,6 +11,11 @@ Two set-ups of QuotaMiddleware on the same store (bench/apps.py's ``charged``):
 - ``3 buckets``: a count quota, a per-minute limit written on a second rule, and the project's
   parent's cap (every request charges all three, decided in one atomic step).
 
+Every limit is 10**12 (``--limit``), never reached: each request is admitted, and every policy it
+meets is in its RateLimit headers, as a finite quota's is in production (``--limit -1`` makes the
+count quotas unlimited: they then send no headers, and only the 3-bucket set-up's per-minute
+limit does).
+
 Each store (the memory store; Redis, batched, no local leases; Redis Cluster is left to the test
 suite) reports CPU per request of each, the ratio 3 buckets / 1 bucket (the target: at most
 1.2x), and for Redis the script calls per request (``INFO commandstats`` evalsha + eval): one
@@ -77,6 +82,8 @@ from middleware import MemoryStore, QuotaMiddleware, RedisStore, Store  # noqa: 
 
 HERE = Path(__file__).resolve().parent
 CONNECTIONS = 32
+#: Every bucket's limit: never reached, so that each one is charged and states its policy.
+LIMIT = 10**12
 PROJECTS = 8
 GOAL = 1.2  # 3 buckets cost at most this many times 1 bucket
 STORES = {"memory": "memory store", "redis": "Redis (leases off)"}
@@ -111,8 +118,8 @@ def scope_of(project: int) -> dict[str, Any]:
                         (b"content-length", b"2")]}
 
 
-def guarded(store: Store, buckets: int, inner: str) -> QuotaMiddleware:
-    return charged(APPS[inner](), store, buckets, [f"p{i}" for i in range(PROJECTS)])
+def guarded(store: Store, buckets: int, inner: str, limit: int) -> QuotaMiddleware:
+    return charged(APPS[inner](), store, buckets, [f"p{i}" for i in range(PROJECTS)], limit)
 
 
 async def drive(app: Any, requests: int) -> float:
@@ -147,7 +154,7 @@ async def script_calls(url: str) -> int:
 
 
 async def measure(name: str, make_store: Any, args: argparse.Namespace, url: str | None, inner: str) -> None:
-    apps = {n: guarded(make_store(), n, inner) for n in (1, 3)}
+    apps = {n: guarded(make_store(), n, inner, args.limit) for n in (1, 3)}
     for app in apps.values():
         await drive(app, 2000)  # warm: caches, scripts, connections
     cpu: dict[int, list[float]] = {1: [], 3: []}
@@ -229,7 +236,8 @@ def in_server(args: argparse.Namespace) -> int:
                                               for store in stores for n in (1, 3)]
     with workspace("bench-charges-") as (procs, tmp):
         for s in servers:
-            env = {**os.environ, **({"QUOTA_STORE": s.store, "QUOTA_BUCKETS": str(s.buckets)} if s.store else {})}
+            env = {**os.environ, "QUOTA_LIMIT": str(args.limit),
+                   **({"QUOTA_STORE": s.store, "QUOTA_BUCKETS": str(s.buckets)} if s.store else {})}
             if s.store == "redis":
                 s.redis = start_redis(procs, tmp, s.name.replace(" ", "-"), cpu=load_cpu)
                 env["REDIS_URL"] = s.redis.url
@@ -285,6 +293,10 @@ def main() -> int:
                         help="measure uvicorn workers under wrk instead of the middleware in process")
     parser.add_argument("--requests", type=int, default=10_000, help="in process: requests per round (10000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (5)")
+    parser.add_argument("--limit", type=int, default=LIMIT,
+                        help="the count quota of each project and of the parent (10**12: never reached, and every "
+                             "policy sends its RateLimit headers, as a finite quota does in production; -1: unlimited, "
+                             "no headers from the count quotas)")
     parser.add_argument("--duration", type=int, default=3, help="--server: seconds per round and server (3)")
     args = parser.parse_args()
     if min(args.requests, args.rounds, args.duration) < 1:
