@@ -427,7 +427,8 @@ class QuotaEngine:
             charges += [self.charge(parent_quotas, parent, d, now) for d in demands if d.limit is None]
         charges = _merged(charges)
         until = min((c.bucket.window.end for c in charges if c.bucket.window is not None), default=math.inf)
-        plan = _Plan(quotas, parent, parent_quotas, tuple((c.bucket, c.limit, c.units) for c in charges),
+        plan = _Plan(quotas, parent, parent_quotas, tuple(None if c.bucket.window else c for c in charges),
+                     tuple((c.bucket, c.limit, c.units) for c in charges),
                      tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges), until)
         if len(self._plans) >= self._cache_size:  # bounded: a flood of projects starts it afresh
             self._plans.clear()
@@ -736,14 +737,18 @@ class _Plan:
     quotas: Quotas
     parent: str | None
     parent_quotas: Quotas | None
-    #: (bucket, limit, units) of each bucket charged, a bucket named twice once.
+    #: Each bucket charged (a bucket named twice once): its Charge where the time does not matter
+    #: (a count quota), else None and its (bucket, limit, units): a window's charge says when it ends.
+    fixed: tuple[Charge | None, ...]
     parts: tuple[tuple[Bucket, Limit, int], ...]
     claims: tuple[Claim, ...]
     #: When the plan is over: its first window's end.
     until: float
 
     def charges(self, now: float) -> tuple[Charge, ...]:
-        return tuple([Charge(bucket, limit, units, now) for bucket, limit, units in self.parts])
+        if self.until == math.inf:  # count quotas only: the same charges for every request
+            return self.fixed  # type: ignore[return-value]
+        return tuple([charge or Charge(*part, now) for charge, part in zip(self.fixed, self.parts, strict=True)])
 
 
 class _CountUnlimited:

@@ -225,15 +225,18 @@ class RedisStore(Store, SharedState):
         group, lease_until = new_id(), int(self._clock() * 1000) + lease_ms
         # One future for the group: every answer comes from the same script reply (see _send).
         future: asyncio.Future[list[tuple[int, int, int]]] = asyncio.get_running_loop().create_future()
-        for claim in claims:
-            self._enqueue(_op(self.prefix, claim.bucket, RESERVE_IN_GROUP, claim.cost, claim.limit,
-                              member(group, claim.cost), lease_until, future, scale=claim.scale))
+        members = []
+        for bucket, cost, limit, scale in claims:
+            members.append(member(group, cost))
+            self._enqueue(_op(self.prefix, bucket, RESERVE_IN_GROUP, cost, limit, members[-1], lease_until, future,
+                              scale=scale))
         answers = await future
-        admitted = all(flag == 1 for flag, _, _ in answers)
-        return [Decision(admitted, used, limit,
-                         Reservation(claim.bucket, claim.cost, member(group, claim.cost), lease_until) if admitted
-                         else None)
-                for claim, (flag, used, limit) in zip(claims, answers, strict=True)]
+        if any(flag != 1 for flag, _, _ in answers):
+            return [Decision(False, used, limit) for _, used, limit in answers]
+        # tuple.__new__: a named tuple's own constructor is a Python function (two per bucket).
+        return [tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (claim[0], claim[1], name,
+                                                                                      lease_until))))
+                for claim, name, (_, used, limit) in zip(claims, members, answers, strict=True)]
 
     async def _reserve_slot_by_slot(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         """Buckets in several hash slots (a child and its parent on a cluster): no script can touch
@@ -457,13 +460,12 @@ class RedisStore(Store, SharedState):
         keys: list[str] = []
         first: dict[str, int] = {}  # a bucket's keys travel once per call, whatever its operations
         args: list[Any] = [int(self._clock() * 1000)]
-        for op in ops:
-            index = first.get(op.keys[0])
+        for op_keys, kind, name, amount, limit, lease_until, expires, scale, field, _, _ in ops:
+            index = first.get(op_keys[0])
             if index is None:
-                index = first[op.keys[0]] = len(keys) + 1
-                keys += op.keys
-            args.append(f"{index} {op.kind} {op.member} {op.amount} {op.limit} {op.lease_until} {op.expires} "
-                        f"{op.scale} {op.field}")
+                index = first[op_keys[0]] = len(keys) + 1
+                keys += op_keys
+            args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {expires} {scale} {field}")
         written: list[bool] = []  # not empty once the call may have reached Redis
         try:
             reply = await self._guard(self._run_batch(keys, args, ops, written))
