@@ -23,7 +23,7 @@ from .cache import QuotaCache
 from .errors import ConfigurationError, QuotaExceeded, SourceError, SourceInvalid, SourceRejected, StoreError
 from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
-from .rendering import Rejection, format_amount, iso_time, limit_headers
+from .rendering import Rejection, format_amount, iso_time, limit_headers, policy_parts
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store
 from .stores.leasing import LeasingStore
@@ -777,20 +777,26 @@ def _refusing(claims: Sequence[Claim], decisions: Sequence[Decision]) -> int:
 
 
 def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *, refused: bool = False) -> RawHeaders:
-    """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy."""
+    """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy (the
+    fields of rendering.limit_headers, written out here: up to three policies on every request)."""
     policies: list[bytes] = []
     states: list[bytes] = []
     own = charges[0].bucket.project
     for charge, decision in zip(charges, decisions, strict=True):
-        if decision.limit < 0:
+        limit = decision.limit
+        if limit < 0:
             continue  # unlimited: no policy to state
         used = decision.used - charge.units if refused and decision.admitted else decision.used
-        bucket = charge.bucket  # a parent's policy is named with its project: "acme/servers"
-        policy = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
-        (_, policy_value), (_, state_value) = limit_headers(policy, decision.limit, charge.limit.scale, used,
-                                                           bucket.window, charge.now)
-        policies.append(policy_value)
-        states.append(state_value)
+        bucket, scale = charge.bucket, charge.limit.scale
+        window = bucket.window
+        # A parent's policy is named with its project: "acme/servers".
+        label = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
+        name, policy = policy_parts(label, limit // scale,
+                                    None if window is None else max(1, round(window.end - window.start)))
+        policies.append(policy)
+        remaining = max(0, limit - used) // scale
+        states.append(b"%s;r=%d" % (name, remaining) if window is None else
+                      b"%s;r=%d;t=%d" % (name, remaining, max(0, math.ceil(window.end - charge.now))))
     if not policies:
         return []
     return [(b"ratelimit-policy", b", ".join(policies)), (b"ratelimit", b", ".join(states))]

@@ -104,7 +104,7 @@ def limit_headers(resource: str, value: int, scale: int, used: int, window: Wind
     if value < 0:
         return []
     seconds = None if window is None else max(1, round(window.end - window.start))
-    name, policy = _policy(resource, value // scale, seconds)
+    name, policy = policy_parts(resource, value // scale, seconds)
     state = b"%s;r=%d" % (name, max(0, value - used) // scale)
     if window is not None:
         state += b";t=%d" % max(0, math.ceil(window.end - now))
@@ -112,7 +112,7 @@ def limit_headers(resource: str, value: int, scale: int, used: int, window: Wind
 
 
 @functools.lru_cache(maxsize=4096)
-def _policy(resource: str, quota: int, seconds: int | None) -> tuple[bytes, bytes]:
+def policy_parts(resource: str, quota: int, seconds: int | None) -> tuple[bytes, bytes]:
     """(the encoded name, the whole policy): the same for every request until the limit changes."""
     name = _sf_string(resource).encode("ascii", "backslashreplace")
     policy = name + b";q=" + str(quota).encode()
