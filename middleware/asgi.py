@@ -99,26 +99,25 @@ class QuotaMiddleware:
         if rule.action == "release":
             await self._release(scope, receive, send, project, demands, any(r.confirm for r in rules))
             return
-        if rule.action == "meter":  # the response's bytes go to one bucket: the first rule's
-            demands = demands[:1]
+        if rule.action == "meter":
+            await self._meter(scope, receive, send, project, demands[0], shadow)
+            return
+        # consume: written out here, not in a coroutine of its own, because every await of the app
+        # (and of the server below it) passes through each of our frames.
+        engine = self.engine
         # A warm project on a store that decides in process is admitted without a coroutine.
-        outcome: Admitted | Rejection | None = self.engine.admit_nowait(project, *demands) \
-            if self.engine.decides_in_process and rule.action == "consume" and not shadow \
-            and not self.engine.shadow else None
-        if outcome is None:
-            outcome = await self.engine.admit(project, *demands, headers=scope["headers"], action=rule.action,
-                                              shadow=shadow)
-        if outcome is None:
-            await self.app(scope, receive, send)
-        elif isinstance(outcome, Rejection):
-            await self._reject(send, outcome)
-        elif rule.action == "meter":
-            await self._run_metered(scope, receive, send, outcome.charge, outcome.decision)
-        else:
-            await self._run_reserved(scope, receive, send, outcome)
-
-    async def _run_reserved(self, scope: Scope, receive: Receive, send: Send, admitted: Admitted) -> None:
-        """Run the app holding the reservations; keep them only for a 2xx the client was sent."""
+        held = engine.admit_nowait(project, *demands) \
+            if engine.decides_in_process and not shadow and not engine.shadow else None
+        if held is None:
+            outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow)
+            if outcome is None:  # failing open: uncounted
+                await self.app(scope, receive, send)
+                return
+            if isinstance(outcome, Rejection):
+                await self._reject(send, outcome)
+                return
+            held = outcome
+        # Run the app holding the reservations; keep them only for a 2xx the client was sent.
         status = 0
         client_gone = False
 
@@ -136,8 +135,8 @@ class QuotaMiddleware:
                 status = message["status"]
                 # An unlimited resource adds no headers: no work for it. A failed creation is
                 # refunded, so its headers show the usage without it.
-                if admitted.decisions[0].limit >= 0 or len(admitted.decisions) > 1:
-                    headers = admitted.headers(kept=200 <= status < 300)
+                if held.decisions[0].limit >= 0 or len(held.decisions) > 1:
+                    headers = held.headers(kept=200 <= status < 300)
                     if headers:
                         message = {**message, "headers": [*message.get("headers", ()), *headers]}
             return send(message)
@@ -147,8 +146,19 @@ class QuotaMiddleware:
             await self.app(scope, receive_watching, send_with_headers)
             keep = 200 <= status < 300 and not client_gone
         finally:
-            for reservation in self.engine.settle_nowait(admitted, keep):
-                await self.engine.settle(reservation, keep)
+            for reservation in engine.settle_nowait(held, keep):
+                await engine.settle(reservation, keep)
+
+    async def _meter(self, scope: Scope, receive: Receive, send: Send, project: str, demand: Demand,
+                     shadow: bool) -> None:
+        """The response's bytes go to one bucket: the first rule's."""
+        outcome = await self.engine.admit(project, demand, headers=scope["headers"], action="meter", shadow=shadow)
+        if outcome is None:
+            await self.app(scope, receive, send)
+        elif isinstance(outcome, Rejection):
+            await self._reject(send, outcome)
+        else:
+            await self._run_metered(scope, receive, send, outcome.charge, outcome.decision)
 
     async def _run_metered(self, scope: Scope, receive: Receive, send: Send, charge: Charge,
                            decision: Decision) -> None:

@@ -250,7 +250,7 @@ class QuotaEngine:
             return self._traced(project, demands, headers, action, shadow, parent)
         if len(demands) != 1 or parent is not None or self._parents is not None:
             return self._admit_all(project, demands, headers, action, shadow, parent)
-        return self._admit_one(project, demands[0], headers, action, shadow)
+        return self._admit_one(project, demands, headers, action, shadow)
 
     async def _traced(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders, action: Action,
                       shadow: bool, parent: str | None) -> Admitted | Rejection | None:
@@ -259,22 +259,25 @@ class QuotaEngine:
         with self._trace(project, ",".join(demand.resource for demand in demands)):
             if len(demands) != 1 or parent is not None or self._parents is not None:
                 return await self._admit_all(project, demands, headers, action, shadow, parent)
-            return await self._admit_one(project, demands[0], headers, action, shadow)
+            return await self._admit_one(project, demands, headers, action, shadow)
 
-    async def _admit_one(self, project: str, demand: Demand, headers: RawHeaders, action: Action,
+    async def _admit_one(self, project: str, demands: tuple[Demand], headers: RawHeaders, action: Action,
                          shadow: bool) -> Admitted | Rejection | None:
         """One demand, one bucket: the common case, decided without building a claim list."""
-        resource = demand.resource
+        resource = demands[0].resource
+        now = self.clock()
         try:
-            quotas = self.cache.fresh(project)  # a warm project: no coroutine
-            if quotas is None:
-                quotas = await self.cache.get(project, headers)
-            charge = self.charge(quotas, project, demand)
+            plan = self._plan_nowait(project, demands, None, now)  # a warm project: no coroutine
+            if plan is None:
+                plan = await self._plan(project, demands, headers, None)
+                now = self.clock()
+            charges = plan.charges(now)
         except SourceError as exc:
             refusal = self._source_failed(exc, project, resource, shadow)
             if not isinstance(refusal, _CountUnlimited):
                 return refusal
-            charge = self._unlimited(project, demand)
+            charges = (self._unlimited(project, demands[0]),)
+        charge = charges[0]
 
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
@@ -292,7 +295,7 @@ class QuotaEngine:
             return self._store_failed(exc, project, resource, shadow)
         if self.metrics is not None:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
-        return tuple.__new__(Admitted, ((charge,), (decision,)))
+        return tuple.__new__(Admitted, (charges, (decision,)))
 
     def admit_nowait(self, project: str, *demands: Demand) -> Admitted | None:
         """``admit`` of consume demands when everything is at hand: the quotas (and any parent)
@@ -303,20 +306,17 @@ class QuotaEngine:
             # A store that needs I/O would make admit() look everything up again; with metrics, a
             # refusal would count its cache lookup twice.
             return None
-        if len(demands) == 1 and self._parents is None:
-            quotas = self.cache.fresh(project)
-            if quotas is None:
-                return None
-            charge = self.charge(quotas, project, demands[0])
-            decision = self._decide_nowait("consume", charge)
-            if decision is None or not decision.admitted:
-                return None  # nothing was reserved: admit() decides it again, and answers the refusal
-            # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
-            return tuple.__new__(Admitted, ((charge,), (decision,)))
         now = self.clock()
         plan = self._plan_nowait(project, demands, None, now)
         if plan is None:
             return None
+        if len(plan.claims) == 1:
+            bucket, cost, limit, scale = plan.claims[0]
+            decision = self._reserve_nowait(bucket, cost, limit, self.lease_ms, scale)
+            if decision is None or not decision.admitted:
+                return None  # nothing was reserved: admit() decides it again, and answers the refusal
+            # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
+            return tuple.__new__(Admitted, (plan.charges(now), (decision,)))
         decisions = self._reserve_all_nowait(plan.claims, self.lease_ms)
         if decisions is None or not decisions[0].admitted:  # all or nothing: the first says for all
             return None
@@ -325,8 +325,21 @@ class QuotaEngine:
     def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
         """``settle_all`` of what the store settles in process or hands over; returns the
         reservations it could not (await ``settle`` for each)."""
+        decisions = admitted.decisions
+        if len(decisions) == 1:  # the common case, without the loop
+            reservation = decisions[0].reservation
+            if reservation is None:
+                return ()
+            try:
+                if not self._settle_nowait(reservation, keep):
+                    return (reservation,)
+            except StoreError as exc:
+                _settle_failed(reservation.bucket, exc)
+            if not keep:
+                self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
+            return ()
         left: tuple[Reservation, ...] = ()
-        for decision in admitted.decisions:
+        for decision in decisions:
             reservation = decision.reservation
             if reservation is None:
                 continue

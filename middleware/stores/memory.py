@@ -80,7 +80,9 @@ class MemoryStore(Store):
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         if self._overrides:  # most deployments set none: no lookup per request then
             limit = self._effective(bucket, limit, scale)
-        now = self._now_ms()
+        now = int(self._clock() * 1000)
+        if now >= self._next_sweep:
+            self._sweep(now)
         used = self._used.get(bucket, 0)
         if 0 <= limit < used + cost:
             # Expired leases only matter when they stand between a request and its limit: look
@@ -88,7 +90,18 @@ class MemoryStore(Store):
             used = self._purge(bucket, now)
             if limit < used + cost:
                 return Decision(False, used, limit)
-        return self._take(bucket, cost, limit, used, now + lease_ms)
+        # _take, written out: the memory store's one decision on every request.
+        used += cost
+        self._used[bucket] = used
+        member = str(next(self._members))
+        expires_ms = now + lease_ms
+        leases = self._leases.get(bucket)
+        if leases is None:
+            self._leases[bucket] = {member: (expires_ms, cost)}
+        else:
+            leases[member] = (expires_ms, cost)
+        return tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (bucket, cost, member,
+                                                                                     expires_ms))))
 
     async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         return self.reserve_all_nowait(claims, lease_ms)
