@@ -282,7 +282,8 @@ class QuotaEngine:
         try:
             # Even a disabled resource (limit 0) asks the store: an operator's override may lift it.
             # A Decision is a non-empty tuple: `or` awaits the store only when it cannot answer in process.
-            decision = self._decide_nowait(action, charge) or await self._decide(action, charge, charge.limit.value)
+            decision = (self.decides_in_process and self._decide_nowait(action, charge)) \
+                or await self._decide(action, charge, charge.limit.value)
             if not decision.admitted:
                 self.record_outcome(resource, "shadow_rejected" if shadow else "rejected", project)
                 if not shadow:

@@ -207,7 +207,10 @@ class RedisStore(Store, SharedState):
     async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         member = new_member(cost)
         lease_until = int(self._clock() * 1000) + lease_ms
-        flag, used, limit = await self._call(bucket, RESERVE, cost, limit, member, lease_until, scale)
+        # _call, written out: one coroutine fewer for every answer to pass through.
+        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_op(self.prefix, bucket, RESERVE, cost, limit, member, lease_until, future, scale=scale))
+        flag, used, limit = await future
         if flag != 1:
             return Decision(False, used, limit)
         # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
