@@ -114,6 +114,8 @@ class _Op(NamedTuple):
     future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
+    #: A single reserve's bucket: its future is answered with the Decision itself.
+    bucket: Bucket | None = None
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
@@ -122,7 +124,8 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
     keys, field, expires = _keys(prefix, bucket)
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
     return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, expires, scale,
-                               field if kind in _OVERRIDABLE else "-", future, retry_since))
+                               field if kind in _OVERRIDABLE else "-", future, retry_since,
+                               bucket if kind == RESERVE else None))
 
 
 def _refused(claim: Claim, decision: Decision | None) -> Decision:
@@ -131,6 +134,15 @@ def _refused(claim: Claim, decision: Decision | None) -> Decision:
         return Decision(False, 0, claim.limit)
     used = decision.used - claim.cost if decision.admitted else decision.used
     return Decision(False, used, decision.limit)
+
+
+def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
+    """A single reserve's answer: admitted, it holds its reservation."""
+    if flag != 1:
+        return Decision(False, used, limit)
+    # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
+    return tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (op.bucket, op.amount, op.member,
+                                                                                 op.lease_until))))
 
 
 def _group(op: _Op) -> str:
@@ -204,18 +216,14 @@ class RedisStore(Store, SharedState):
 
     # -- the contract ---------------------------------------------------------------------------
 
-    async def reserve(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
-        member = new_member(cost)
-        lease_until = int(self._clock() * 1000) + lease_ms
-        # _call, written out: one coroutine fewer for every answer to pass through.
-        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_op(self.prefix, bucket, RESERVE, cost, limit, member, lease_until, future, scale=scale))
-        flag, used, limit = await future
-        if flag != 1:
-            return Decision(False, used, limit)
-        # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
-        return tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (bucket, cost, member,
-                                                                                     lease_until))))
+    def reserve(  # type: ignore[override]  # an awaitable, as the contract asks, but not a coroutine
+            self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> asyncio.Future[Decision]:
+        """Not a coroutine: the caller awaits the future that _send answers with the Decision
+        itself, one frame fewer for the answer to pass through on every request."""
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._enqueue(_op(self.prefix, bucket, RESERVE, cost, limit, new_member(cost),
+                          int(self._clock() * 1000) + lease_ms, future, scale=scale))
+        return future
 
     async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         if len(claims) == 1:
@@ -463,7 +471,7 @@ class RedisStore(Store, SharedState):
         keys: list[str] = []
         first: dict[str, int] = {}  # a bucket's keys travel once per call, whatever its operations
         args: list[Any] = [int(self._clock() * 1000)]
-        for op_keys, kind, name, amount, limit, lease_until, expires, scale, field, _, _ in ops:
+        for op_keys, kind, name, amount, limit, lease_until, expires, scale, field, _, _, _ in ops:
             index = first.get(op_keys[0])
             if index is None:
                 index = first[op_keys[0]] = len(keys) + 1
@@ -503,6 +511,9 @@ class RedisStore(Store, SharedState):
                 # The caller went away while its reservation was in flight: give it straight back.
                 if op.kind in RESERVING and flag == 1:
                     self._enqueue(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()))
+            elif op.kind == RESERVE:
+                if not op.future.done():
+                    op.future.set_result(_reserved(op, flag, used, limit))
             elif op.kind == RESERVE_IN_GROUP:  # consecutive, one future: answered at the group's last
                 if i == 0 or ops[i - 1].future is not op.future:
                     group = []
