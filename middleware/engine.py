@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 
 from . import options
@@ -86,6 +86,9 @@ class Charge:
     limit: Limit
     units: int
     now: float
+    #: (encoded name, RateLimit-Policy item) of ``limit``, named as the request's policy: made once
+    #: per plan, for the up to three policies every request of several charges states.
+    policy: tuple[bytes, bytes] | None = field(default=None, repr=False)
 
     def headers(self, decision: Decision, used: int | None = None, name: str | None = None) -> RawHeaders:
         """RateLimit headers of the limit the decision applied (an operator's override, maybe)."""
@@ -440,9 +443,11 @@ class QuotaEngine:
             # A limit written on a rule is the project's own (a rate limit): not the parent's.
             charges += [self.charge(parent_quotas, parent, d, now) for d in demands if d.limit is None]
         charges = _merged(charges)
+        for charge in charges:
+            charge.policy = _policy_of(charge, project)
         until = min((c.bucket.window.end for c in charges if c.bucket.window is not None), default=math.inf)
         plan = _Plan(quotas, parent, parent_quotas, tuple(None if c.bucket.window else c for c in charges),
-                     tuple((c.bucket, c.limit, c.units) for c in charges),
+                     tuple((c.bucket, c.limit, c.units, c.policy) for c in charges),
                      tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges), until)
         if len(self._plans) >= self._cache_size:  # bounded: a flood of projects starts it afresh
             self._plans.clear()
@@ -754,7 +759,7 @@ class _Plan:
     #: Each bucket charged (a bucket named twice once): its Charge where the time does not matter
     #: (a count quota), else None and its (bucket, limit, units): a window's charge says when it ends.
     fixed: tuple[Charge | None, ...]
-    parts: tuple[tuple[Bucket, Limit, int], ...]
+    parts: tuple[tuple[Bucket, Limit, int, tuple[bytes, bytes] | None], ...]
     claims: tuple[Claim, ...]
     #: When the plan is over: its first window's end.
     until: float
@@ -762,7 +767,8 @@ class _Plan:
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == math.inf:  # count quotas only: the same charges for every request
             return self.fixed  # type: ignore[return-value]
-        return tuple([charge or Charge(*part, now) for charge, part in zip(self.fixed, self.parts, strict=True)])
+        return tuple([charge or Charge(part[0], part[1], part[2], now, part[3])
+                      for charge, part in zip(self.fixed, self.parts, strict=True)])
 
 
 class _CountUnlimited:
@@ -770,6 +776,18 @@ class _CountUnlimited:
 
 
 COUNT_UNLIMITED = _CountUnlimited()
+
+
+def _policy_of(charge: Charge, own: str, limit: int | None = None) -> tuple[bytes, bytes] | None:
+    """The charge's (encoded name, RateLimit-Policy item); a parent's policy is named with its
+    project: "acme/servers". None: unlimited."""
+    limit = charge.limit.value if limit is None else limit
+    if limit < 0:
+        return None
+    bucket, window = charge.bucket, charge.bucket.window
+    label = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
+    return policy_parts(label, limit // charge.limit.scale,
+                        None if window is None else max(1, round(window.end - window.start)))
 
 
 def _merged(charges: list[Charge]) -> list[Charge]:
@@ -803,10 +821,10 @@ def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *
         used = decision.used - charge.units if refused and decision.admitted else decision.used
         bucket, scale = charge.bucket, charge.limit.scale
         window = bucket.window
-        # A parent's policy is named with its project: "acme/servers".
-        label = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
-        name, policy = policy_parts(label, limit // scale,
-                                    None if window is None else max(1, round(window.end - window.start)))
+        if charge.policy is not None and limit == charge.limit.value:  # made for this very limit
+            name, policy = charge.policy
+        else:
+            name, policy = _policy_of(charge, own, limit)  # type: ignore[misc]  # limit >= 0
         policies.append(policy)
         remaining = max(0, limit - used) // scale
         states.append(b"%s;r=%d" % (name, remaining) if window is None else

@@ -191,6 +191,17 @@ async def test_several_charges_follow_a_new_parent_at_once(store: Store, clock: 
     assert await used(store, Bucket("org1", "things"), Bucket("org2", "things")) == [1, 2]
 
 
+async def test_the_headers_of_several_charges_state_an_operators_override(store: Store, clock: FakeClock) -> None:
+    rules = [Rule("POST", "/things", "things"), Rule("POST", "/things", "things:rate", limit="3/minute")]
+    app = guarded(store, clock, rules, {"things": 4})
+    async with client(app) as c:
+        assert (await c.post("/things", headers=HEADERS)).headers["ratelimit-policy"].startswith('"things";q=4,')
+        await store.set_overrides("p", {"things": 9})
+        answer = await c.post("/things", headers=HEADERS)
+    assert answer.headers["ratelimit-policy"] == '"things";q=9, "things:rate";q=3;w=60'
+    assert answer.headers["ratelimit"].startswith('"things";r=7, "things:rate";r=1;t=')
+
+
 def test_rule_limits_are_checked_at_start_up() -> None:
     assert Rule("POST", "/x", "x", limit="10/minute").static_limit == 10
     for bad in ({"limit": "ten/minute"}, {"limit": "10"}, {"limit": "10/minute", "window": "hour"},

@@ -22,7 +22,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, cast
 from urllib.parse import unquote
@@ -114,7 +114,7 @@ class _Op(NamedTuple):
     future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
-    #: A single reserve's bucket: its future is answered with the Decision itself.
+    #: A reserve's bucket: its future is answered with the Decision itself.
     bucket: Bucket | None = None
 
 
@@ -125,7 +125,7 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
     return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, expires, scale,
                                field if kind in _OVERRIDABLE else "-", future, retry_since,
-                               bucket if kind == RESERVE else None))
+                               bucket if kind in RESERVING else None))
 
 
 def _refused(claim: Claim, decision: Decision | None) -> Decision:
@@ -143,6 +143,13 @@ def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
     # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
     return tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (op.bucket, op.amount, op.member,
                                                                                  op.lease_until))))
+
+
+def _reserved_group(ops: Sequence[_Op], answers: list[tuple[int, int, int]]) -> list[Decision]:
+    """A group's answer: every reservation, or (one operation refused) none."""
+    if any(flag != 1 for flag, _, _ in answers):
+        return [Decision(False, used, limit) for _, used, limit in answers]
+    return [_reserved(op, flag, used, limit) for op, (flag, used, limit) in zip(ops, answers, strict=True)]
 
 
 def _group(op: _Op) -> str:
@@ -225,29 +232,24 @@ class RedisStore(Store, SharedState):
                           int(self._clock() * 1000) + lease_ms, future, scale=scale))
         return future
 
-    async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+    def reserve_all(  # type: ignore[override]  # an awaitable, as the contract asks (see reserve)
+            self, claims: Sequence[Claim], lease_ms: int) -> Awaitable[list[Decision]]:
         if len(claims) == 1:
-            claim = claims[0]
-            return [await self.reserve(claim.bucket, claim.cost, claim.limit, lease_ms, claim.scale)]
+            return self._reserve_one(claims[0], lease_ms)
         if self._cluster and len({self._slot(claim.bucket) for claim in claims}) > 1:
-            return await self._reserve_slot_by_slot(claims, lease_ms)
+            return self._reserve_slot_by_slot(claims, lease_ms)
         # One group in one script call: consecutive in the queue (nothing awaits in between), and
-        # never split between calls (see _take).
+        # never split between calls (see _take). One future for the group, answered with every
+        # decision at once (see _send).
         group, lease_until = new_id(), int(self._clock() * 1000) + lease_ms
-        # One future for the group: every answer comes from the same script reply (see _send).
-        future: asyncio.Future[list[tuple[int, int, int]]] = asyncio.get_running_loop().create_future()
-        members = []
+        future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
         for bucket, cost, limit, scale in claims:
-            members.append(member(group, cost))
-            self._enqueue(_op(self.prefix, bucket, RESERVE_IN_GROUP, cost, limit, members[-1], lease_until, future,
-                              scale=scale))
-        answers = await future
-        if any(flag != 1 for flag, _, _ in answers):
-            return [Decision(False, used, limit) for _, used, limit in answers]
-        # tuple.__new__: a named tuple's own constructor is a Python function (two per bucket).
-        return [tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (claim[0], claim[1], name,
-                                                                                      lease_until))))
-                for claim, name, (_, used, limit) in zip(claims, members, answers, strict=True)]
+            self._enqueue(_op(self.prefix, bucket, RESERVE_IN_GROUP, cost, limit, member(group, cost), lease_until,
+                              future, scale=scale))
+        return future
+
+    async def _reserve_one(self, claim: Claim, lease_ms: int) -> list[Decision]:
+        return [await self.reserve(claim.bucket, claim.cost, claim.limit, lease_ms, claim.scale)]
 
     async def _reserve_slot_by_slot(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         """Buckets in several hash slots (a child and its parent on a cluster): no script can touch
@@ -498,6 +500,7 @@ class RedisStore(Store, SharedState):
             return
         refused = False
         group: list[tuple[int, int, int]] = []  # the answers of the group being read
+        first_of_group = 0
         for i, op in enumerate(ops):
             flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
             if flag < 0:
@@ -516,10 +519,10 @@ class RedisStore(Store, SharedState):
                     op.future.set_result(_reserved(op, flag, used, limit))
             elif op.kind == RESERVE_IN_GROUP:  # consecutive, one future: answered at the group's last
                 if i == 0 or ops[i - 1].future is not op.future:
-                    group = []
+                    group, first_of_group = [], i
                 group.append((flag, used, limit))
                 if (i + 1 == len(ops) or ops[i + 1].future is not op.future) and not op.future.done():
-                    op.future.set_result(group)
+                    op.future.set_result(_reserved_group(ops[first_of_group:i + 1], group))
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
         if not refused:  # Redis applies again: what waits to be sent again goes now
