@@ -85,7 +85,7 @@ class QuotaMiddleware:
             return
         rule = rules[0]
         # Several rules decide together; shadow mode only when every one of them is in it.
-        shadow = rule.shadow if len(rules) == 1 else all(r.shadow for r in rules)
+        shadow = rule.shadow if len(rules) == 1 or not rule.shadow else all(r.shadow for r in rules)
         try:
             project = self.identity(scope)
             demands = rule.demands if len(rules) == 1 and rule.demands is not None \

@@ -152,27 +152,27 @@ class MemoryStore(Store):
         return current
 
     async def commit(self, reservation: Reservation) -> None:
-        self._commit(reservation)
+        self.settle_nowait(reservation, True)
 
     async def refund(self, reservation: Reservation) -> None:
         self._refund(reservation)
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
-        (self._commit if keep else self._refund)(reservation)
-        return True
-
-    def _commit(self, reservation: Reservation) -> None:
+        if not keep:
+            self._refund(reservation)
+            return True
+        # The commit, here rather than in a method of its own: it ends every admitted request.
         bucket = reservation.bucket
         leases = self._leases.get(bucket)
         if leases is not None and leases.pop(reservation.member, None) is not None:
             if not leases:
                 del self._leases[bucket]
             self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
-            return
         # The lease expired and was given back: the creation happened, so count it again (once).
-        if self._expired.pop((bucket, reservation.member), None) is not None:
+        elif self._expired.pop((bucket, reservation.member), None) is not None:
             self._used[bucket] = self._used.get(bucket, 0) + reservation.cost
             self._commits[bucket] = self._commits.get(bucket, 0) + reservation.cost
+        return True
 
     def _refund(self, reservation: Reservation) -> None:
         leases = self._leases.get(reservation.bucket)
