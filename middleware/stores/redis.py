@@ -243,9 +243,9 @@ class RedisStore(Store, SharedState):
         # decision at once (see _send).
         group, lease_until = new_id(), int(self._clock() * 1000) + lease_ms
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
-        for bucket, cost, limit, scale in claims:
-            self._enqueue(_op(self.prefix, bucket, RESERVE_IN_GROUP, cost, limit, member(group, cost), lease_until,
-                              future, scale=scale))
+        self._queue += [_op(self.prefix, bucket, RESERVE_IN_GROUP, cost, limit, member(group, cost), lease_until,
+                            future, scale=scale) for bucket, cost, limit, scale in claims]
+        self._enqueue_done()
         return future
 
     async def _reserve_one(self, claim: Claim, lease_ms: int) -> list[Decision]:
@@ -424,6 +424,11 @@ class RedisStore(Store, SharedState):
 
     def _enqueue(self, op: _Op) -> None:
         self._queue.append(op)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    def _enqueue_done(self) -> None:
+        """After operations were added to the queue directly (a group): make sure they are sent."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
 
