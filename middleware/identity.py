@@ -59,8 +59,9 @@ class HeaderIdentity:
 
     def __call__(self, scope: Scope) -> bytes | None:
         found: bytes | None = None
+        name = self._name
         for key, value in scope["headers"]:
-            if key == self._name:
+            if key == name:
                 if found is not None:
                     # Two layers (or a client and a layer) disagree, or may: which one to trust
                     # is not ours to guess.
