@@ -122,6 +122,10 @@ class Store(ABC):
 
         An override set for the bucket's project and resource replaces ``limit`` (its value is in
         quota units: ``scale`` store units each); the decision carries the limit applied.
+
+        Callers await what it returns; a store may return any awaitable (RedisStore returns a
+        future, and so does its ``reserve_all``): ``asyncio.ensure_future`` takes either, not
+        ``create_task``.
         """
 
     @abstractmethod
