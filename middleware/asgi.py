@@ -35,6 +35,40 @@ logger = logging.getLogger("quota_middleware")
 SHADOW_PASSED = "shadow mode: letting %s %s through: %s"
 
 
+class _Watch:
+    """The app's receive and send while it holds reservations: they note the status and a client
+    gone first, and add the RateLimit headers. An object, not closures in ``__call__``: a closure's
+    variables would be made on every call of it, guarded or not."""
+
+    __slots__ = ("_receive", "_send", "held", "status", "client_gone")
+
+    def __init__(self, receive: Receive, send: Send, held: Admitted) -> None:
+        self._receive = receive
+        self._send = send
+        self.held = held
+        self.status = 0
+        self.client_gone = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and self.status == 0:
+            self.client_gone = True
+        return message
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine of its own: the app awaits the server's send directly.
+        if message["type"] == "http.response.start":
+            self.status = status = message["status"]
+            # An unlimited resource adds no headers: no work for it. A failed creation is
+            # refunded, so its headers show the usage without it.
+            held = self.held
+            if held.decisions[0].limit >= 0 or len(held.decisions) > 1:
+                headers = held.headers(kept=200 <= status < 300)
+                if headers:
+                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        return self._send(message)
+
+
 class QuotaMiddleware:
     """Guards the routes ``rules`` name. Either pass ``source`` and the engine's options
     (``store``, ``default_limit``, ``cache_ttl``, ``local_leases``, ``on_source_error``, ... see
@@ -119,33 +153,11 @@ class QuotaMiddleware:
                 return
             held = outcome
         # Run the app holding the reservations; keep them only for a 2xx the client was sent.
-        status = 0
-        client_gone = False
-
-        async def receive_watching() -> Message:
-            nonlocal client_gone
-            message = await receive()
-            if message["type"] == "http.disconnect" and status == 0:
-                client_gone = True
-            return message
-
-        def send_with_headers(message: Message) -> Awaitable[None]:
-            # Not a coroutine of its own: the app awaits the server's send directly.
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                # An unlimited resource adds no headers: no work for it. A failed creation is
-                # refunded, so its headers show the usage without it.
-                if held.decisions[0].limit >= 0 or len(held.decisions) > 1:
-                    headers = held.headers(kept=200 <= status < 300)
-                    if headers:
-                        message = {**message, "headers": [*message.get("headers", ()), *headers]}
-            return send(message)
-
+        watch = _Watch(receive, send, held)
         keep = False
         try:
-            await self.app(scope, receive_watching, send_with_headers)
-            keep = 200 <= status < 300 and not client_gone
+            await self.app(scope, watch.receive, watch.send)
+            keep = 200 <= watch.status < 300 and not watch.client_gone
         finally:
             for reservation in engine.settle_nowait(held, keep):
                 await engine.settle(reservation, keep)

@@ -291,6 +291,8 @@ class RuleTable:
             rules = exact.get(path)
             if rules is not None:
                 return rules
+        elif method not in self._table:
+            return ()  # no rule for this method: the cheapest way past
         return self._match_pattern(method, path)
 
     def _match_pattern(self, method: str, path: str) -> tuple[Rule, ...]:
