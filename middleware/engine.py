@@ -93,7 +93,7 @@ class Charge:
     def headers(self, decision: Decision, used: int | None = None, name: str | None = None) -> RawHeaders:
         """RateLimit headers of the limit the decision applied (an operator's override, maybe)."""
         return limit_headers(name or self.bucket.resource, decision.limit, self.limit.scale,
-                                 decision.used if used is None else used, self.bucket.window, self.now)
+                             decision.used if used is None else used, self.bucket.window, self.now)
 
     def rejection(self, decision: Decision) -> Rejection:
         """Over quota: the limit applied may be an operator's override of the source's."""
