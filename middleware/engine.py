@@ -23,7 +23,7 @@ from .cache import QuotaCache
 from .errors import ConfigurationError, QuotaExceeded, SourceError, SourceInvalid, SourceRejected, StoreError
 from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
-from .rendering import Rejection, format_amount, iso_time, limit_headers, policy_parts
+from .rendering import Rejection, format_amount, iso_time, limit_headers, limit_policy, limit_state
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store
 from .stores.leasing import LeasingStore
@@ -784,10 +784,9 @@ def _policy_of(charge: Charge, own: str, limit: int | None = None) -> tuple[byte
     limit = charge.limit.value if limit is None else limit
     if limit < 0:
         return None
-    bucket, window = charge.bucket, charge.bucket.window
+    bucket = charge.bucket
     label = bucket.resource if bucket.project == own else f"{bucket.project}/{bucket.resource}"
-    return policy_parts(label, limit // charge.limit.scale,
-                        None if window is None else max(1, round(window.end - window.start)))
+    return limit_policy(label, limit, charge.limit.scale, bucket.window)
 
 
 def _merged(charges: list[Charge]) -> list[Charge]:
@@ -809,8 +808,7 @@ def _refusing(claims: Sequence[Claim], decisions: Sequence[Decision]) -> int:
 
 
 def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *, refused: bool = False) -> RawHeaders:
-    """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy (the
-    fields of rendering.limit_headers, written out here: up to three policies on every request)."""
+    """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy."""
     policies: list[bytes] = []
     states: list[bytes] = []
     own = charges[0].bucket.project
@@ -819,16 +817,12 @@ def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *
         if limit < 0:
             continue  # unlimited: no policy to state
         used = decision.used - charge.units if refused and decision.admitted else decision.used
-        bucket, scale = charge.bucket, charge.limit.scale
-        window = bucket.window
         if charge.policy is not None and limit == charge.limit.value:  # made for this very limit
             name, policy = charge.policy
         else:
             name, policy = _policy_of(charge, own, limit)  # type: ignore[misc]  # limit >= 0
         policies.append(policy)
-        remaining = max(0, limit - used) // scale
-        states.append(b"%s;r=%d" % (name, remaining) if window is None else
-                      b"%s;r=%d;t=%d" % (name, remaining, max(0, math.ceil(window.end - charge.now))))
+        states.append(limit_state(name, limit, charge.limit.scale, used, charge.bucket.window, charge.now))
     if not policies:
         return []
     return [(b"ratelimit-policy", b", ".join(policies)), (b"ratelimit", b", ".join(states))]

@@ -103,16 +103,26 @@ def limit_headers(resource: str, value: int, scale: int, used: int, window: Wind
     """``ratelimit_headers`` of a limit of ``value`` store units, ``scale`` to a quota unit."""
     if value < 0:
         return []
-    seconds = None if window is None else max(1, round(window.end - window.start))
-    name, policy = policy_parts(resource, value // scale, seconds)
-    state = b"%s;r=%d" % (name, max(0, value - used) // scale)
-    if window is not None:
-        state += b";t=%d" % max(0, math.ceil(window.end - now))
-    return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
+    name, policy = limit_policy(resource, value, scale, window)
+    return [(b"ratelimit-policy", policy), (b"ratelimit", limit_state(name, value, scale, used, window, now))]
+
+
+def limit_policy(resource: str, value: int, scale: int, window: Window | None) -> tuple[bytes, bytes]:
+    """(the encoded name, the ``RateLimit-Policy`` item) of a limit of ``value`` >= 0 store units."""
+    return _policy(resource, value // scale, None if window is None else max(1, round(window.end - window.start)))
+
+
+def limit_state(name: bytes, value: int, scale: int, used: int, window: Window | None, now: float) -> bytes:
+    """The ``RateLimit`` item: what remains, in whole quota units (rounded down), and for a window
+    the seconds until it ends."""
+    remaining = max(0, value - used) // scale
+    if window is None:
+        return b"%s;r=%d" % (name, remaining)
+    return b"%s;r=%d;t=%d" % (name, remaining, max(0, math.ceil(window.end - now)))
 
 
 @functools.lru_cache(maxsize=4096)
-def policy_parts(resource: str, quota: int, seconds: int | None) -> tuple[bytes, bytes]:
+def _policy(resource: str, quota: int, seconds: int | None) -> tuple[bytes, bytes]:
     """(the encoded name, the whole policy): the same for every request until the limit changes."""
     name = _sf_string(resource).encode("ascii", "backslashreplace")
     policy = name + b";q=" + str(quota).encode()
