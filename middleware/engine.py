@@ -446,8 +446,7 @@ class QuotaEngine:
         for charge in charges:
             charge.policy = _policy_of(charge, project)
         until = min((c.bucket.window.end for c in charges if c.bucket.window is not None), default=math.inf)
-        plan = _Plan(quotas, parent, parent_quotas, tuple(None if c.bucket.window else c for c in charges),
-                     tuple((c.bucket, c.limit, c.units, c.policy) for c in charges),
+        plan = _Plan(quotas, parent, parent_quotas, tuple(charges),
                      tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges), until)
         if len(self._plans) >= self._cache_size:  # bounded: a flood of projects starts it afresh
             self._plans.clear()
@@ -756,19 +755,19 @@ class _Plan:
     quotas: Quotas
     parent: str | None
     parent_quotas: Quotas | None
-    #: Each bucket charged (a bucket named twice once): its Charge where the time does not matter
-    #: (a count quota), else None and its (bucket, limit, units): a window's charge says when it ends.
-    fixed: tuple[Charge | None, ...]
-    parts: tuple[tuple[Bucket, Limit, int, tuple[bytes, bytes] | None], ...]
+    #: The charge of each bucket (a bucket named twice once), made at the plan's time: served as
+    #: it is for a count quota; a window's is made again with the request's time (it says when
+    #: the window ends).
+    made: tuple[Charge, ...]
     claims: tuple[Claim, ...]
     #: When the plan is over: its first window's end.
     until: float
 
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == math.inf:  # count quotas only: the same charges for every request
-            return self.fixed  # type: ignore[return-value]
-        return tuple([charge or Charge(part[0], part[1], part[2], now, part[3])
-                      for charge, part in zip(self.fixed, self.parts, strict=True)])
+            return self.made
+        return tuple([c if c.bucket.window is None else Charge(c.bucket, c.limit, c.units, now, c.policy)
+                      for c in self.made])
 
 
 class _CountUnlimited:
