@@ -122,8 +122,7 @@ class QuotaMiddleware:
         shadow = rule.shadow if len(rules) == 1 or not rule.shadow else all(r.shadow for r in rules)
         try:
             project = self.identity(scope)
-            demands = rule.demands if len(rules) == 1 and rule.demands is not None \
-                else self.rules.demands_for(rules, scope)
+            demands = self.rules.demands_for(rules, scope)
         except RequestError as exc:
             if self.engine.shadow or shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)

@@ -329,21 +329,8 @@ class QuotaEngine:
     def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
         """``settle_all`` of what the store settles in process or hands over; returns the
         reservations it could not (await ``settle`` for each)."""
-        decisions = admitted.decisions
-        if len(decisions) == 1:  # the common case, without the loop
-            reservation = decisions[0].reservation
-            if reservation is None:
-                return ()
-            try:
-                if not self._settle_nowait(reservation, keep):
-                    return (reservation,)
-            except StoreError as exc:
-                _settle_failed(reservation.bucket, exc)
-            if not keep:
-                self.record_outcome(reservation.bucket.resource, "refunded", reservation.bucket.project)
-            return ()
         left: tuple[Reservation, ...] = ()
-        for decision in decisions:
+        for decision in admitted.decisions:
             reservation = decision.reservation
             if reservation is None:
                 continue
