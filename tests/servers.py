@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -106,13 +107,7 @@ def uvicorn_process(app: str, *, env: Mapping[str, str], workers: int = 1,
                    what=f"uvicorn {app}")
         yield base, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
 
 
 @contextmanager
@@ -134,17 +129,22 @@ def gunicorn_server(app: str, *, env: Mapping[str, str], workers: int = 2, prelo
         wait_until(lambda: _answers(process, base), what=f"gunicorn {app}")
         yield base
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
         try:
             os.killpg(process.pid, signal.SIGKILL)  # workers left behind by an arbiter that died
         except ProcessLookupError:
             pass
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, 15 s to go, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def _answers(process: subprocess.Popen[bytes], base: str) -> bool:

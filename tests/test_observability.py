@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import ROOT, free_port, uvicorn_server, wait_until
+from tests.servers import ROOT, free_port, stop_process, uvicorn_server, wait_until
 
 pytestmark = pytest.mark.slow
 APP = "tests.observability_app:app"
@@ -36,8 +36,7 @@ def uvicorn_logging(env: Mapping[str, str], extra: Sequence[str], log: Path) -> 
                        what="uvicorn")
             yield base
         finally:
-            process.terminate()
-            process.wait(15)
+            stop_process(process)
 
 
 @pytest.mark.parametrize("setup", ["basicConfig", "--log-config"])
