@@ -51,10 +51,7 @@ def throughput_ratios(results: dict[str, Any], out: Path) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("Throughput behind the middleware, per run of bench/throughput.py")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = out / "throughput-ratios.png"
-    fig.savefig(path, dpi=110, metadata=METADATA)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "throughput-ratios.png")
 
 
 def throughput_bare(results: dict[str, Any], out: Path) -> Path:
@@ -72,10 +69,7 @@ def throughput_bare(results: dict[str, Any], out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = out / "throughput-bare.png"
-    fig.savefig(path, dpi=110, metadata=METADATA)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "throughput-bare.png")
 
 
 def overhead(results: dict[str, Any], out: Path) -> Path:
@@ -93,7 +87,10 @@ def overhead(results: dict[str, Any], out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = out / "overhead.png"
+    return _save(fig, out / "overhead.png")
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110, metadata=METADATA)
     plt.close(fig)
     return path
