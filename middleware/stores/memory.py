@@ -30,7 +30,8 @@ class MemoryStore(Store):
         self._expired: dict[tuple[Bucket, str], int] = {}
         self._overrides: dict[str, dict[str, int]] = {}
         self._commits: dict[Bucket, int] = {}
-        self._members = itertools.count()
+        # Members as strings straight from C: no str() call of ours per reservation.
+        self._members = map(str, itertools.count())
         self._next_sweep = 0
 
     def _now_ms(self) -> int:
@@ -80,7 +81,9 @@ class MemoryStore(Store):
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         if self._overrides:  # most deployments set none: no lookup per request then
             limit = self._effective(bucket, limit, scale)
-        now = self._now_ms()
+        now = int(self._clock() * 1000)  # _now_ms, written out: it runs on every admission
+        if now >= self._next_sweep:
+            self._sweep(now)
         used = self._used.get(bucket, 0)
         if 0 <= limit < used + cost:
             # Expired leases only matter when they stand between a request and its limit: look
@@ -88,7 +91,7 @@ class MemoryStore(Store):
             used = self._purge(bucket, now)
             if limit < used + cost:
                 return Decision(False, used, limit)
-        return self._take(bucket, cost, limit, used, now + lease_ms, str(next(self._members)))
+        return self._take(bucket, cost, limit, used, now + lease_ms, next(self._members))
 
     async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         return self.reserve_all_nowait(claims, lease_ms)
@@ -107,7 +110,7 @@ class MemoryStore(Store):
             seen.append((used, limit))
         if not fits:
             return [Decision(False, used, limit) for used, limit in seen]
-        expires, member = now + lease_ms, str(next(self._members))  # one member: each bucket has its own leases
+        expires, member = now + lease_ms, next(self._members)  # one member: each bucket has its own leases
         return [self._take(claim[0], claim[1], limit, used, expires, member)
                 for claim, (used, limit) in zip(claims, seen, strict=True)]
 
