@@ -23,7 +23,7 @@ from .errors import ConfigurationError, RequestError
 from .identity import Identity, IdentityFn
 from .quotas import to_store_units
 from .rendering import Rejection, Renderer, barbican_error
-from .rules import RELEASE_CONFIRMED, Rule, RuleTable, route_path
+from .rules import RELEASE_CONFIRMED, Rule, RuleTable
 from .sources.base import QuotaSource
 from .stores.base import Bucket, Decision, Store
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -113,16 +113,14 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        rules = self.rules.match(scope["method"], route_path(scope))
-        if not rules:
+        guard = self.rules.guard(scope)
+        if guard is None:
             await self.app(scope, receive, send)
             return
-        rule = rules[0]
-        # Several rules decide together; shadow mode only when every one of them is in it.
-        shadow = rule.shadow if len(rules) == 1 or not rule.shadow else all(r.shadow for r in rules)
+        shadow = guard.shadow
         try:
             project = self.identity(scope)
-            demands = self.rules.demands_for(rules, scope)
+            demands = guard.demands or guard.demands_for(scope)  # never empty: `or` computes only if needed
         except RequestError as exc:
             if self.engine.shadow or shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)
@@ -130,17 +128,17 @@ class QuotaMiddleware:
             else:
                 await self._reject(send, Rejection(exc.status_code, str(exc)))
             return
-        if rule.action == "release":
-            await self._release(scope, receive, send, project, demands, any(r.confirm for r in rules))
+        if guard.action == "release":
+            await self._release(scope, receive, send, project, demands, guard.confirm)
             return
-        if rule.action == "meter":
+        if guard.action == "meter":
             await self._meter(scope, receive, send, project, demands[0], shadow)
             return
         # consume: written out here, not in a coroutine of its own, because every await of the app
         # (and of the server below it) passes through each of our frames.
         engine = self.engine
         # A warm project on a store that decides in process is admitted without a coroutine.
-        held = engine.admit_nowait(project, *demands) \
+        held = engine.admit_nowait(project, demands) \
             if engine.decides_in_process and not shadow and not engine.shadow else None
         if held is None:
             outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow)

@@ -237,6 +237,31 @@ def route_path(scope: Scope) -> str:
     return path[len(root):] if path[len(root)] == "/" else path
 
 
+class Guard:
+    """What the rules one request matched ask of it, worked out once per set of rules: their
+    action, whether all of them are in shadow mode, and their demands when no cost or resource
+    depends on the request."""
+
+    __slots__ = ("rules", "action", "shadow", "confirm", "demands")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.action: Action = rules[0].action
+        #: Several rules decide together: shadow mode only when every one of them is in it.
+        self.shadow = all(rule.shadow for rule in rules)
+        self.confirm = any(rule.confirm for rule in rules)
+        #: None: computed per request (demands_for).
+        self.demands: tuple[Demand, ...] | None = None
+        if all(rule.demands is not None for rule in rules):
+            self.demands = tuple(demand for rule in rules for demand in rule.demands or ())
+
+    def demands_for(self, scope: Scope) -> tuple[Demand, ...]:
+        """What the request asks for, all of its rules together (a RequestError if it cannot say)."""
+        if self.demands is not None:
+            return self.demands
+        return tuple(demand for rule in self.rules for demand in rule.demands_for(scope))
+
+
 class RuleTable:
     """Finds the rules that match a request; compiled once.
 
@@ -251,61 +276,55 @@ class RuleTable:
             if not isinstance(rule, Rule):
                 raise ConfigurationError(f"expected a Rule, got {rule!r}")
             by_method.setdefault(rule.method, []).append(rule)
-        self._table: dict[str, tuple[re.Pattern[str], tuple[Rule, ...], tuple[tuple[Rule], ...]]] = {}
+        self._table: dict[str, tuple[re.Pattern[str], tuple[Rule, ...], tuple[Guard, ...]]] = {}
         for method, method_rules in by_method.items():
             alternatives = "|".join(f"({rule.pattern()})" for rule in method_rules)
             self._table[method] = (re.compile(f"(?:{alternatives})/?"), tuple(method_rules),
-                                   tuple((rule,) for rule in method_rules))
+                                   tuple(Guard((rule,)) for rule in method_rules))
         self.rules = tuple(rule for group in by_method.values() for rule in group)
         # A path with no parameters is looked up before any regex runs, with the answer the
         # regexes give for it (a template may claim the same path).
-        self._exact: dict[str, dict[str, tuple[Rule, ...]]] = {}
+        self._exact: dict[str, dict[str, Guard]] = {}
         for rule in self.rules:
             if "{" not in rule.path:
                 base = rule.path.rstrip("/")
                 for path in (base or "/", base + "/"):
                     found = self._match_pattern(rule.method, path)
-                    if found:
+                    if found is not None:
                         self._exact.setdefault(rule.method, {})[path] = found
-        #: The demands of several rules a path matches, when none of them computes a cost: made
-        #: once, keyed by the very tuple of rules match() answers (identity checked).
-        self._combined: dict[int, tuple[tuple[Rule, ...], tuple[Demand, ...]]] = {}
-        for paths in self._exact.values():
-            for found in paths.values():
-                if len(found) > 1 and all(rule.demands is not None for rule in found):
-                    self._combined[id(found)] = (found, tuple(d for rule in found for d in rule.demands or ()))
-
-    def demands_for(self, rules: tuple[Rule, ...], scope: Scope) -> tuple[Demand, ...]:
-        """What a request the ``rules`` match asks for, all of them together."""
-        if len(rules) == 1:
-            return rules[0].demands_for(scope)
-        known = self._combined.get(id(rules))
-        if known is not None and known[0] is rules:
-            return known[1]
-        return tuple(demand for rule in rules for demand in rule.demands_for(scope))
 
     def match(self, method: str, path: str) -> tuple[Rule, ...]:
         """The rules that apply to ``method path``, in their order (empty: an unguarded request)."""
+        guard = self._guard(method, path)
+        return () if guard is None else guard.rules
+
+    def guard(self, scope: Scope) -> Guard | None:
+        """What guards this request (None: no rule does), on the path the application routes on."""
+        path: str = scope["path"]
+        root = scope.get("root_path")
+        return self._guard(scope["method"], path if not root else route_path(scope))
+
+    def _guard(self, method: str, path: str) -> Guard | None:
         exact = self._exact.get(method)
         if exact is not None:
-            rules = exact.get(path)
-            if rules is not None:
-                return rules
+            guard = exact.get(path)
+            if guard is not None:
+                return guard
         elif method not in self._table:
-            return ()  # no rule for this method: the cheapest way past
+            return None  # no rule for this method: the cheapest way past
         return self._match_pattern(method, path)
 
-    def _match_pattern(self, method: str, path: str) -> tuple[Rule, ...]:
+    def _match_pattern(self, method: str, path: str) -> Guard | None:
         entry = self._table.get(method)
         if entry is None:
-            return ()
+            return None
         match = entry[0].fullmatch(path)
         if match is None:
-            return ()
+            return None
         index = match.lastindex - 1  # type: ignore[operator]
         first = entry[1][index]
         if len(entry[1]) == 1:
             return entry[2][index]
         found = tuple(rule for rule in entry[1][index:] if rule.action == first.action
                       and rule._full is not None and rule._full.fullmatch(path))
-        return entry[2][index] if len(found) == 1 else found
+        return entry[2][index] if len(found) == 1 else Guard(found)
