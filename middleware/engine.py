@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import operator
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,9 @@ Action = Literal["consume", "meter"]
 ParentFn = Callable[[str], "str | None | Awaitable[str | None]"]
 
 logger = logging.getLogger("quota_middleware")
+INF = math.inf
+#: A Decision's ``admitted``, read in C: all(map(_ADMITTED, decisions)).
+_ADMITTED = operator.itemgetter(0)
 
 OVER_QUOTA = "Quota exceeded for project {project}: {resource} allows {limit}{per}, {used} already in use."
 DISABLED = "Quota exceeded for project {project}: {resource} is disabled (quota 0)."
@@ -137,7 +141,13 @@ class Admitted(NamedTuple):
         """RateLimit headers for every policy the request met; a refunded request's usage without it."""
         if len(self.charges) == 1:
             charge, decision = self.charges[0], self.decisions[0]
-            return charge.headers(decision, decision.used if kept else decision.used - charge.units)
+            used = decision.used if kept else decision.used - charge.units
+            if charge.policy is not None and decision.limit == charge.limit.value:  # the plan's, pre-encoded
+                name, policy = charge.policy
+                return [(b"ratelimit-policy", policy),
+                        (b"ratelimit", limit_state(name, decision.limit, charge.limit.scale, used, charge.bucket.window,
+                                                   charge.now))]
+            return charge.headers(decision, used)
         return combined_headers(self.charges, self.decisions, refused=not kept)
 
 
@@ -301,7 +311,7 @@ class QuotaEngine:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
         return tuple.__new__(Admitted, (charges, (decision,)))
 
-    def admit_nowait(self, project: str, *demands: Demand) -> Admitted | None:
+    def admit_nowait(self, project: str, demands: tuple[Demand, ...]) -> Admitted | None:
         """``admit`` of consume demands when everything is at hand: the quotas (and any parent)
         fresh in process, and a store that decides in process (the memory store, an open local
         lease). Only an admission is answered here; None: await ``admit`` (which also decides
@@ -314,17 +324,19 @@ class QuotaEngine:
         plan = self._plan_nowait(project, demands, None, now)
         if plan is None:
             return None
+        # Count quotas only: the very charges of the plan (no call, on every request).
+        charges = plan.made if plan.until == INF else plan.charges(now)
         if len(plan.claims) == 1:
             bucket, cost, limit, scale = plan.claims[0]
             decision = self._reserve_nowait(bucket, cost, limit, self.lease_ms, scale)
             if decision is None or not decision.admitted:
                 return None  # nothing was reserved: admit() decides it again, and answers the refusal
             # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
-            return tuple.__new__(Admitted, (plan.charges(now), (decision,)))
+            return tuple.__new__(Admitted, (charges, (decision,)))
         decisions = self._reserve_all_nowait(plan.claims, self.lease_ms)
         if decisions is None or not decisions[0].admitted:  # all or nothing: the first says for all
             return None
-        return tuple.__new__(Admitted, (plan.charges(now), tuple(decisions)))
+        return tuple.__new__(Admitted, (charges, tuple(decisions)))
 
     def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
         """``settle_all`` of what the store settles in process or hands over; returns the
@@ -367,7 +379,7 @@ class QuotaEngine:
             claims = tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges)
         try:
             decisions = await self.store.reserve_all(claims, self.lease_ms)
-            if not all(decision.admitted for decision in decisions):
+            if not all(map(_ADMITTED, decisions)):
                 refused = _refusing(claims, decisions)
                 charge, decision = charges[refused], decisions[refused]
                 self.record_outcome(charge.bucket.resource, "shadow_rejected" if shadow else "rejected",
@@ -751,7 +763,7 @@ class _Plan:
     until: float
 
     def charges(self, now: float) -> tuple[Charge, ...]:
-        if self.until == math.inf:  # count quotas only: the same charges for every request
+        if self.until == INF:  # count quotas only: the same charges for every request
             return self.made
         return tuple([c if c.bucket.window is None else Charge(c.bucket, c.limit, c.units, now, c.policy)
                       for c in self.made])
