@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -86,6 +87,8 @@ RESERVE, COMMIT, REFUND, RELEASE, USAGE = "r", "c", "f", "l", "u"
 RESERVE_IN_GROUP = "g"
 RESERVING = (RESERVE, RESERVE_IN_GROUP)
 SET_USAGE, COMMITS, METER, CHARGE, SEED = "s", "k", "m", "a", "x"
+#: A Decision's ``admitted``, read in C (all(map(...)) over a group's decisions).
+_ADMITTED = operator.itemgetter(0)
 #: The operations an operator's override applies to.
 _OVERRIDABLE = frozenset((RESERVE, RESERVE_IN_GROUP, METER))
 #: Operations per script call: bounds the time one call blocks Redis.
@@ -143,13 +146,6 @@ def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
     # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
     return tuple.__new__(Decision, (True, used, limit, tuple.__new__(Reservation, (op.bucket, op.amount, op.member,
                                                                                  op.lease_until))))
-
-
-def _reserved_group(ops: Sequence[_Op], answers: list[tuple[int, int, int]]) -> list[Decision]:
-    """A group's answer: every reservation, or (one operation refused) none."""
-    if any(flag != 1 for flag, _, _ in answers):
-        return [Decision(False, used, limit) for _, used, limit in answers]
-    return [_reserved(op, flag, used, limit) for op, (flag, used, limit) in zip(ops, answers, strict=True)]
 
 
 def _group(op: _Op) -> str:
@@ -504,8 +500,7 @@ class RedisStore(Store, SharedState):
                 raise
             return
         refused = False
-        group: list[tuple[int, int, int]] = []  # the answers of the group being read
-        first_of_group = 0
+        group: list[Decision] = []  # the decisions of the group being read
         for i, op in enumerate(ops):
             flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
             if flag < 0:
@@ -524,10 +519,13 @@ class RedisStore(Store, SharedState):
                     op.future.set_result(_reserved(op, flag, used, limit))
             elif op.kind == RESERVE_IN_GROUP:  # consecutive, one future: answered at the group's last
                 if i == 0 or ops[i - 1].future is not op.future:
-                    group, first_of_group = [], i
-                group.append((flag, used, limit))
+                    group = []
+                group.append(_reserved(op, flag, used, limit))
                 if (i + 1 == len(ops) or ops[i + 1].future is not op.future) and not op.future.done():
-                    op.future.set_result(_reserved_group(ops[first_of_group:i + 1], group))
+                    # Every reservation, or none: the script takes a refused group's back, and
+                    # answers each of its operations as not admitted.
+                    op.future.set_result(group if all(map(_ADMITTED, group)) else [
+                        Decision(False, d.used, d.limit) for d in group])
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
         if not refused:  # Redis applies again: what waits to be sent again goes now
