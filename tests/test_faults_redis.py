@@ -23,7 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource, StoreError
+from middleware import BarbicanSource, Bucket, QuotaMiddleware, RedisStore, Rule, StaticSource, StoreError, Window
+from middleware.keys import counter_keys
+from middleware.stores.base import Claim
 from middleware.stores.redis import BATCH_SCRIPT, UNLOCK_SCRIPT
 from tests.conftest import FakeClock, own_redis_server
 from tests.servers import RedisServer, free_port
@@ -34,6 +36,8 @@ pytestmark = pytest.mark.anyio
 RULES = [Rule("POST", "/things", "things"), Rule("DELETE", "/things/{id}", "things", action="release")]
 HEADERS = {"X-Project-Id": "p", "X-Auth-Token": "tok"}
 BUCKET = Bucket("p", "things")
+#: A bucket of the minute FakeClock starts in (its keys expire after it).
+MINUTE = Bucket("p", "things:rate", Window(1_800_000_000 - 1_800_000_000 % 60, 1_800_000_000 - 1_800_000_000 % 60 + 60))
 #: The store's timeout in these tests.
 STORE_TIMEOUT = 0.3
 
@@ -515,16 +519,20 @@ async def test_a_connection_closed_before_the_store_saw_it_is_replaced_once(
 
 # -- reservations nobody holds ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("shape", ["one bucket", "group"])
 @pytest.mark.parametrize("how", ["timeout", "cancelled"])
 async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
-        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, how: str) -> None:
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, how: str, shape: str) -> None:
     assert redis_proc.process is not None
     store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
     try:
         assert await store.usage(BUCKET) == 0
         redis_proc.process.send_signal(signal.SIGSTOP)
         try:
-            reserving = asyncio.ensure_future(store.reserve(BUCKET, 1, 10, 120_000))
+            # A group (a count bucket and a windowed one) is given back in every bucket.
+            reserving = asyncio.ensure_future(
+                store.reserve(BUCKET, 1, 10, 120_000) if shape == "one bucket" else
+                store.reserve_all([Claim(BUCKET, 1, 10), Claim(MINUTE, 2, 10)], 120_000))
             if how == "cancelled":  # the client went away before the store's timeout
                 await asyncio.sleep(STORE_TIMEOUT / 3)
                 reserving.cancel()
@@ -538,8 +546,18 @@ async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
         await wait_for(lambda: _no_lease_left(admin), 5.0, "the reservation's give-back")
         assert await admin.get("quota:{p}:things:used") == b"0", "the reservation never reached Redis"
         assert await store.usage(BUCKET) == 0
+        if shape == "group":
+            assert await store.usage(MINUTE) == 0
+            assert await admin.zcard(_keys_of(MINUTE)[1]) == 0
+            # The windowed counter keeps its expiry through the give-back.
+            assert await admin.pttl(_keys_of(MINUTE)[0]) > 0
     finally:
         await store.aclose()
+
+
+def _keys_of(bucket: Bucket) -> tuple[str, str, str]:
+    assert bucket.window is not None
+    return counter_keys("quota:", bucket.project, bucket.resource, int(bucket.window.start))
 
 
 async def _no_lease_left(admin: aioredis.Redis) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import operator
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -77,20 +76,20 @@ MAX_RETRY_QUEUE = 100_000
 #: The script's flag for an operation Redis refused to write (see batch.lua): sent again.
 REFUSED = -2
 MAX_CALLS_IN_FLIGHT = 32
+#: Groups of claims formatted for the script, at most (see reserve_all).
+MAX_GROUPS = 4096
 BATCH_SCRIPT = resources.files(__package__).joinpath("lua/batch.lua").read_text()
 UNLOCK_SCRIPT = resources.files(__package__).joinpath("lua/unlock.lua").read_text()
 OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").read_text()
 LOAD_BATCH_SCRIPT = pack_command(cast(Any, ("SCRIPT", "LOAD", BATCH_SCRIPT)))  # hiredis's stub: a 1-tuple
 # What an operation does, as batch.lua knows it: one letter on the wire (see the script's header).
 RESERVE, COMMIT, REFUND, RELEASE, USAGE = "r", "c", "f", "l", "u"
-#: A reserve in a group: consecutive ones sharing a reservation id are all or nothing.
-RESERVE_IN_GROUP = "g"
-RESERVING = (RESERVE, RESERVE_IN_GROUP)
+#: A reserve in several buckets at once, all or nothing: one operation (see _Group).
+GROUP = "G"
+RESERVING = (RESERVE, GROUP)
 SET_USAGE, COMMITS, METER, CHARGE, SEED = "s", "k", "m", "a", "x"
-#: A Decision's ``admitted``, read in C (all(map(...)) over a group's decisions).
-_ADMITTED = operator.itemgetter(0)
 #: The operations an operator's override applies to.
-_OVERRIDABLE = frozenset((RESERVE, RESERVE_IN_GROUP, METER))
+_OVERRIDABLE = frozenset((RESERVE, METER))
 #: Operations per script call: bounds the time one call blocks Redis.
 MAX_BATCH = 256
 #: With ``pipeline`` > 1, the first call from idle takes only a share of what waits (at least
@@ -112,13 +111,28 @@ class _Op(NamedTuple):
     scale: int
     #: The resource's field in the overrides hash ("-" where no override can apply).
     field: str
-    #: None for settlements, which nobody waits for. The operations of a group share one, which
-    #: gets every answer of the group at once (a list of them).
+    #: None for settlements, which nobody waits for.
     future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
     #: A reserve's bucket: its future is answered with the Decision itself.
     bucket: Bucket | None = None
+    #: A group's buckets (kind GROUP; member is the group's id): answered with their Decisions.
+    group: _Group | None = None
+
+
+class _Group(NamedTuple):
+    """The buckets of a group, made once per claims (see _group_of)."""
+
+    #: Every bucket's five keys, one bucket after another.
+    keys: tuple[str, ...]
+    buckets: tuple[Bucket, ...]
+    costs: tuple[int, ...]
+    #: What follows the group's id in each bucket's lease member: ":<cost>" (see keys.member).
+    suffixes: tuple[str, ...]
+    #: "<n> <amount limit key-expiry scale field>;..." : the operation's fields after its id and
+    #: lease expiry, the same for every request of these claims.
+    tail: str
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
@@ -128,7 +142,7 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
     return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, expires, scale,
                                field if kind in _OVERRIDABLE else "-", future, retry_since,
-                               bucket if kind in RESERVING else None))
+                               bucket if kind == RESERVE else None, None))
 
 
 def _refused(claim: Claim, decision: Decision | None) -> Decision:
@@ -148,8 +162,15 @@ def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
                                                                                  op.lease_until))))
 
 
-def _group(op: _Op) -> str:
-    return op.member.rpartition(":")[0]
+def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
+    keys: list[str] = []
+    parts: list[str] = []
+    for bucket, cost, limit, scale in claims:
+        bucket_keys, field, expires = _keys(prefix, bucket)
+        keys += bucket_keys
+        parts.append(f"{cost} {limit} {expires} {scale} {field}")
+    return _Group(tuple(keys), tuple(c.bucket for c in claims), tuple(c.cost for c in claims),
+                  tuple(member("", c.cost) for c in claims), f"{len(claims)} {';'.join(parts)}")
 
 
 @functools.lru_cache(maxsize=16_384)
@@ -208,6 +229,7 @@ class RedisStore(Store, SharedState):
         self._generation = 0
         self._last_read: asyncio.Future[None] | None = None
         self._queue: list[_Op] = []
+        self._groups: dict[int, tuple[Sequence[Claim], _Group]] = {}
         self._worker: asyncio.Task[None] | None = None
         self._retry: list[_Op] = []
         self._retry_delay = RETRY_MIN
@@ -234,14 +256,20 @@ class RedisStore(Store, SharedState):
             return self._reserve_one(claims[0], lease_ms)
         if self._cluster and len({self._slot(claim.bucket) for claim in claims}) > 1:
             return self._reserve_slot_by_slot(claims, lease_ms)
-        # One group in one script call: consecutive in the queue (nothing awaits in between), and
-        # never split between calls (see _take). One future for the group, answered with every
-        # decision at once (see _send).
-        group, lease_until = new_id(), int(self._clock() * 1000) + lease_ms
+        # One operation for the group, answered with every decision at once (see _send).
+        # The engine passes a plan's very claims on every request of the plan: their keys and
+        # fields are formatted once (looked up by identity, which costs no hashing of the claims).
+        known = self._groups.get(id(claims))
+        if known is not None and known[0] is claims:
+            group = known[1]
+        else:
+            group = _group_of(self.prefix, claims)
+            if len(self._groups) >= MAX_GROUPS:
+                self._groups.clear()
+            self._groups[id(claims)] = (claims, group)  # holding the claims: their id stays theirs
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
-        self._queue += [_op(self.prefix, bucket, RESERVE_IN_GROUP, cost, limit, member(group, cost), lease_until,
-                            future, scale=scale) for bucket, cost, limit, scale in claims]
-        self._enqueue_done()
+        self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
+                                          0, 1, "-", future, None, None, group)))
         return future
 
     async def _reserve_one(self, claim: Claim, lease_ms: int) -> list[Decision]:
@@ -423,11 +451,6 @@ class RedisStore(Store, SharedState):
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
 
-    def _enqueue_done(self) -> None:
-        """After operations were added to the queue directly (a group): make sure they are sent."""
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
-
     async def _drain(self) -> None:
         # Started with create_task, so it first runs after the current tick: everything enqueued
         # in that tick, and during each round trip, travels together.
@@ -450,12 +473,8 @@ class RedisStore(Store, SharedState):
             _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
 
     def _take(self, size: int) -> list[_Op]:
-        """The next ``size`` operations for one call, or a few more: a group is never split."""
-        queue = self._queue
-        while size < len(queue) and queue[size].kind == RESERVE_IN_GROUP and queue[size - 1].kind == RESERVE_IN_GROUP \
-                and _group(queue[size]) == _group(queue[size - 1]):
-            size += 1
-        batch, self._queue = queue[:size], queue[size:]
+        """The next ``size`` operations, for one call."""
+        batch, self._queue = self._queue[:size], self._queue[size:]
         return batch
 
     async def _send_bounded(self, ops: Sequence[_Op]) -> None:
@@ -472,18 +491,27 @@ class RedisStore(Store, SharedState):
     async def _send(self, ops: Sequence[_Op]) -> None:
         self.integrity.poll()
         keys: list[str] = []
-        first: dict[str, int] = {}  # a bucket's keys travel once per call, whatever its operations
+        # A bucket's keys travel once per call, whatever its operations (a group's: once per
+        # group of the same buckets).
+        first: dict[str | tuple[str, ...], int] = {}
         args: list[Any] = [int(self._clock() * 1000)]
-        for op_keys, kind, name, amount, limit, lease_until, expires, scale, field, _, _, _ in ops:
-            index = first.get(op_keys[0])
+        answers = 0  # three per operation; per bucket, for a group
+        for op_keys, kind, name, amount, limit, lease_until, expires, scale, field, _, _, _, group in ops:
+            key = op_keys[0] if group is None else op_keys
+            index = first.get(key)
             if index is None:
-                index = first[op_keys[0]] = len(keys) + 1
+                index = first[key] = len(keys) + 1
                 keys += op_keys
-            args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {expires} {scale} {field}")
+            if group is None:
+                args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {expires} {scale} {field}")
+                answers += 3
+            else:
+                args.append(f"{index} G {name} {lease_until} {group.tail}")
+                answers += 3 * len(group.costs)
         written: list[bool] = []  # not empty once the call may have reached Redis
         try:
             reply = await self._guard(self._run_batch(keys, args, ops, written))
-            if not isinstance(reply, list) or len(reply) != 3 * len(ops):
+            if not isinstance(reply, list) or len(reply) != answers:
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
         except BaseException as exc:  # whatever happened, every caller must hear of it
             error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
@@ -495,14 +523,21 @@ class RedisStore(Store, SharedState):
                     # ran). Redis reads the reserve's waiting bytes before a new connection's: only
                     # a reserve delayed in the network could land after, and hold its lease until
                     # it expires, as before.
-                    self._fail(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()), error, retry=True)
+                    for refund in self._give_back(op):
+                        self._fail(refund, error, retry=True)
             if not isinstance(exc, Exception):
                 raise
             return
         refused = False
-        group: list[Decision] = []  # the decisions of the group being read
-        for i, op in enumerate(ops):
-            flag, used, limit = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
+        at = 0
+        for op in ops:
+            if op.group is not None:
+                n = 3 * len(op.group.costs)
+                refused = self._answer_group(op, reply[at:at + n]) or refused
+                at += n
+                continue
+            flag, used, limit = reply[at], reply[at + 1], reply[at + 2]
+            at += 3
             if flag < 0:
                 # The script ran; this operation failed and applied nothing (see batch.lua). What
                 # Redis refused (out of memory, read-only...) is sent again; a corrupt key is final.
@@ -512,20 +547,11 @@ class RedisStore(Store, SharedState):
                 continue
             elif op.future.cancelled():
                 # The caller went away while its reservation was in flight: give it straight back.
-                if op.kind in RESERVING and flag == 1:
-                    self._enqueue(op._replace(kind=REFUND, future=None, retry_since=time.monotonic()))
+                if op.kind == RESERVE and flag == 1:
+                    self._enqueue(self._give_back(op)[0])
             elif op.kind == RESERVE:
                 if not op.future.done():
                     op.future.set_result(_reserved(op, flag, used, limit))
-            elif op.kind == RESERVE_IN_GROUP:  # consecutive, one future: answered at the group's last
-                if i == 0 or ops[i - 1].future is not op.future:
-                    group = []
-                group.append(_reserved(op, flag, used, limit))
-                if (i + 1 == len(ops) or ops[i + 1].future is not op.future) and not op.future.done():
-                    # Every reservation, or none: the script takes a refused group's back, and
-                    # answers each of its operations as not admitted.
-                    op.future.set_result(group if all(map(_ADMITTED, group)) else [
-                        Decision(False, d.used, d.limit) for d in group])
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
         if not refused:  # Redis applies again: what waits to be sent again goes now
@@ -534,6 +560,41 @@ class RedisStore(Store, SharedState):
                 if self._retry_timer is not None:
                     self._retry_timer.cancel()
                 self._resend()
+
+    def _answer_group(self, op: _Op, answers: list[Any]) -> bool:
+        """Answer a group with a Decision per bucket: every reservation, or (one refused or failed)
+        none; the script took a refused group's back. True when Redis refused a write."""
+        group, future = op.group, op.future
+        assert group is not None and future is not None
+        flags: list[int] = answers[0::3]
+        for i, flag in enumerate(flags):
+            if flag < 0:  # nothing of the group is held (see batch.lua)
+                self._fail(op, StoreError(f"store script failed: {_text(answers[3 * i + 1])}"), retry=False)
+                return flag == REFUSED
+        admitted = all(flag == 1 for flag in flags)
+        if future.cancelled():
+            if admitted:  # the caller went away while its reservations were in flight
+                for refund in self._give_back(op):
+                    self._enqueue(refund)
+        elif not future.done():
+            if admitted:
+                group_id, lease_until = op.member, op.lease_until
+                future.set_result([
+                    tuple.__new__(Decision, (True, answers[3 * i + 1], answers[3 * i + 2], tuple.__new__(
+                        Reservation, (group.buckets[i], group.costs[i], group_id + group.suffixes[i], lease_until))))
+                    for i in range(len(flags))])
+            else:
+                future.set_result([Decision(False, answers[3 * i + 1], answers[3 * i + 2]) for i in range(len(flags))])
+        return False
+
+    def _give_back(self, op: _Op) -> list[_Op]:
+        """The refunds of a reserve whose caller never took its answer: each of its leases, only that
+        very lease (its expiry says which), sent until applied."""
+        since = time.monotonic()
+        if op.group is None:
+            return [op._replace(kind=REFUND, future=None, retry_since=since)]
+        return [_op(self.prefix, bucket, REFUND, cost, 0, member(op.member, cost), op.lease_until, retry_since=since)
+                for bucket, cost in zip(op.group.buckets, op.group.costs, strict=True)]
 
     async def _run_batch(self, keys: list[str], args: list[Any], ops: Sequence[_Op], written: list[bool]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node

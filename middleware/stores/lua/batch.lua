@@ -12,13 +12,17 @@
 --       encode and decode on both sides): index of its bucket's first key in KEYS, kind, member,
 --       amount, limit, lease expiry ms, key expiry ms (0: the keys never expire; windowed
 --       counters expire after their window), scale (store units per quota unit) and the
---       override field ('-': no override applies).
--- Kinds: r reserve, g reserve as one of a group (below), c commit, f refund (with a lease expiry: the give-back of a reservation
---        nobody holds, which takes only that very lease), l release, u usage, s set usage
---        (member: '-', or the commit total read before the true usage was, whose commits since
---        are added), k commit total, m metering check, a add (charge), x seed (raise to at least).
--- Returns a flat array, three entries per operation: flag, usage, the limit applied (an override
--- replaces the caller's limit). An error in one operation does not stop the others (pcall); its
+--       override field ('-': no override applies). A group (kind G, below) is one operation of
+--       its own form: "<index> G <id> <lease expiry ms> <n> <bucket>;<bucket>;..." with n
+--       buckets of "amount limit key-expiry scale field"; its buckets' keys are consecutive in
+--       KEYS from the index, five each.
+-- Kinds: r reserve, G reserve in several buckets, all or nothing (below), c commit, f refund
+--        (with a lease expiry: the give-back of a reservation nobody holds, which takes only that
+--        very lease), l release, u usage, s set usage (member: '-', or the commit total read
+--        before the true usage was, whose commits since are added), k commit total, m metering
+--        check, a add (charge), x seed (raise to at least).
+-- Returns a flat array, three entries per operation (per bucket, for a group): flag, usage, the
+-- limit applied (an override replaces the caller's limit). An error in one operation does not stop the others (pcall); its
 -- flag says what happened, with a message instead of the usage:
 --   -1 what sending again cannot mend: a key of ours that is not a number (or a malformed
 --      operation);
@@ -34,10 +38,11 @@
 -- its lease before it adds to the commit total; a corrupt total, which only reconciliations read,
 -- then misses that commit.)
 --
--- A group is a run of consecutive g operations whose members share one id ("<id>:<cost>"): the
--- buckets one request charges. Each is reserved as r would; if any is refused, those already
--- reserved are taken back within this same call (so no other caller ever sees them), and all are
--- answered as not admitted: the one that refused with flag 0, the others with flag 4 (held back).
+-- A group holds the buckets one request charges; each bucket's lease member is "<id>:<amount>".
+-- Each is reserved as r would; if any is refused (or fails), those already reserved are taken
+-- back within this same operation (so no other caller ever sees them), and all are answered as
+-- not admitted: the one that refused with flag 0 (or its failure), the others with flag 4 (held
+-- back).
 --
 -- A reserve sent again (the connection failed before its answer came back) must not count twice,
 -- and a reserve whose member some other process drew too (ids duplicated by a fork) must not be
@@ -218,74 +223,93 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
   final('unknown operation ' .. tostring(kind))
 end
 
-local out = {}
--- What each operation was, for a group that must take its reservations back.
-local parsed = {}
-local function run(i)
+local out, answered = {}, 0
+local function answer(flag, used, limit)
+  out[answered + 1], out[answered + 2], out[answered + 3] = flag, used, limit
+  answered = answered + 3
+end
+
+-- What an error raised inside an operation means: its flag and message.
+local function failure(err)
+  if type(err) == 'table' then
+    -- Ours ({final = ...}), or a refusal redis.call raised as a table ({err = ...}).
+    if err.final then return -1, err.final end
+    return -2, tostring(err.err)
+  end
+  return -2, tostring(err)
+end
+
+local function run(line)
   local k, kind, member, amount, limit, lease_until, at, scale, field =
-    string.match(ARGV[i + 1], '^(%d+) (%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
-  if not kind then final('malformed operation ' .. tostring(ARGV[i + 1])) end
+    string.match(line, '^(%d+) (%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
+  if not kind then final('malformed operation ' .. tostring(line)) end
   k = tonumber(k)
   limit = tonumber(limit)
-  amount = tonumber(amount)
-  at = tonumber(at)
-  if kind == 'g' then  -- kept only for a group, which may have to take it back
-    parsed[i] = {k = k, member = member, amount = amount, at = at}
-    kind = 'r'
-  end
   if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
   local flag, used = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
-    amount, limit, tonumber(lease_until), at)
-  out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, used, limit
+    tonumber(amount), limit, tonumber(lease_until), tonumber(at))
+  answer(flag, used, limit)
 end
 
 local HELD_BACK = 4
 
--- All or nothing: a group with any operation not admitted takes back what the others reserved.
-local function settle_group(first, last)
-  local refused = false
-  for j = first, last do
-    if out[3 * j - 2] ~= 1 then refused = true end
+local function reserve_in(k, member, amount, limit, lease_until, at, scale, field)
+  limit = effective(KEYS[k + 3], field, scale, limit)
+  local flag, used = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], 'r', member, amount, limit,
+    lease_until, at)
+  return flag, used, limit
+end
+
+-- A group (see the header): all or nothing, three answers per bucket.
+local function reserve_group(k, id, lease_until, count, parts)
+  local answers, n, refused = {}, 0, false
+  for amount, limit, at, scale, field in string.gmatch(parts, '(%-?%d+) (%-?%d+) (%d+) (%d+) ([^;%s]+)') do
+    local base = k + 5 * n
+    n = n + 1
+    amount = tonumber(amount)
+    local member = id .. ':' .. amount
+    local ok, flag, used, applied = pcall(reserve_in, base, member, amount, tonumber(limit), lease_until,
+      tonumber(at), tonumber(scale), field)
+    if not ok then flag, used = failure(flag); applied = 0 end
+    if flag ~= 1 then refused = true end
+    answers[n] = {flag, used, applied, base, member, amount, tonumber(at)}
   end
-  if not refused then return end
-  for j = first, last do
-    if out[3 * j - 2] == 1 then
-      local op = parsed[j]
-      local counter, leases = KEYS[op.k], KEYS[op.k + 1]
-      if redis.call('ZREM', leases, op.member) == 1 then
-        out[3 * j - 1] = give_back(counter, used_of(counter), op.amount, op.at)
+  if n ~= count then
+    for _ = 1, count do answer(-1, 'malformed group ' .. id, 0) end
+    -- What it reserved (a well-formed start) is given back: a malformed group holds nothing.
+    refused = true
+    for j = 1, n do
+      local a = answers[j]
+      if a[1] == 1 and redis.call('ZREM', KEYS[a[4] + 1], a[5]) == 1 then
+        give_back(KEYS[a[4]], used_of(KEYS[a[4]]), a[6], a[7])
       end
-      out[3 * j - 2] = HELD_BACK
     end
+    return
+  end
+  for j = 1, n do
+    local a = answers[j]
+    if refused and a[1] == 1 then
+      local counter = KEYS[a[4]]
+      if redis.call('ZREM', KEYS[a[4] + 1], a[5]) == 1 then
+        a[2] = give_back(counter, used_of(counter), a[6], a[7])
+      end
+      a[1] = HELD_BACK
+    end
+    answer(a[1], a[2], a[3])
   end
 end
 
-local function group_of(i)
-  local op = parsed[i]
-  if not op then return nil end
-  return string.match(op.member, '^(.*):%d+$')
-end
-
-local group, group_first = nil, nil
-for i = 1, #ARGV - 1 do
-  local ok, err = pcall(run, i)
-  if not ok then
-    local flag = -2
-    if type(err) == 'table' then
-      -- Ours ({final = ...}), or a refusal redis.call raised as a table ({err = ...}).
-      if err.final then flag, err = -1, err.final else err = err.err end
+for i = 2, #ARGV do
+  local line = ARGV[i]
+  local k, id, lease_until, count, parts = string.match(line, '^(%d+) G (%S+) (%d+) (%d+) (.*)$')
+  if k then
+    reserve_group(tonumber(k), id, tonumber(lease_until), tonumber(count), parts)
+  else
+    local ok, err = pcall(run, line)
+    if not ok then
+      local flag, message = failure(err)
+      answer(flag, message, 0)
     end
-    out[3 * i - 2], out[3 * i - 1], out[3 * i] = flag, tostring(err), 0
-  end
-  local id = group_of(i)
-  if id == nil and not ok and string.match(ARGV[i + 1], '^%d+ g ') then
-    -- A g operation that failed before it was parsed still belongs to the group it is in.
-    id = group
-  end
-  if id ~= group then
-    if group then settle_group(group_first, i - 1) end
-    group, group_first = id, i
   end
 end
-if group then settle_group(group_first, #ARGV - 1) end
 return out
