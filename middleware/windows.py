@@ -7,7 +7,6 @@ belong to one window and start from zero in the next.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -40,8 +39,9 @@ def calendar_month(now: float) -> Window:
     return Window(start.timestamp(), end.timestamp())
 
 
-@dataclass(frozen=True, slots=True)
-class Period:
+# A named tuple for the reason Window is one: a rule's Period is part of the key the engine looks
+# its plan up by, on every request.
+class Period(NamedTuple):
     """A fixed, repeating window: a number of seconds (aligned to the epoch) or ``"month"``."""
 
     seconds: float | None = None  # None means the calendar month
