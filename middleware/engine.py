@@ -211,6 +211,8 @@ class QuotaEngine:
         self.decides_in_process = self._reserve_nowait is not _no_answer
         self._settle_nowait = self.store.settle_nowait \
             if nowait_usable(self.store, "settle_nowait", "commit", "refund") else _not_settled
+        self._settle_all_nowait = self.store.settle_all_nowait \
+            if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
         self._default = Limit(self.default_limit)
         #: Resources the source did not report, already warned about (see _unreported).
@@ -341,8 +343,21 @@ class QuotaEngine:
     def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
         """``settle_all`` of what the store settles in process or hands over; returns the
         reservations it could not (await ``settle`` for each)."""
+        decisions = admitted.decisions
+        if len(decisions) > 1 and self._settle_all_nowait is not _not_settled:
+            reservations = [d.reservation for d in decisions if d.reservation is not None]
+            try:
+                settled = len(reservations) > 1 and self._settle_all_nowait(reservations, keep)
+            except StoreError as exc:  # logged, as each reservation's would be: their leases expire
+                _settle_failed(reservations[0].bucket, exc)
+                return ()
+            if settled:  # one settlement for the group (the Redis store: one operation)
+                if not keep:
+                    for held in reservations:
+                        self.record_outcome(held.bucket.resource, "refunded", held.bucket.project)
+                return ()
         left: tuple[Reservation, ...] = ()
-        for decision in admitted.decisions:
+        for decision in decisions:
             reservation = decision.reservation
             if reservation is None:
                 continue
@@ -639,9 +654,8 @@ class QuotaEngine:
 
     async def settle_all(self, admitted: Admitted, keep: bool) -> None:
         """Keep or give back every reservation of an admitted request, together (see settle)."""
-        for decision in admitted.decisions:
-            if decision.reservation is not None:
-                await self.settle(decision.reservation, keep)
+        for reservation in self.settle_nowait(admitted, keep):
+            await self.settle(reservation, keep)
 
     async def release(self, bucket: Bucket, units: int) -> None:
         """Give ``units`` back after a delete, never below zero (a store failure is logged)."""

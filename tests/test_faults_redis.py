@@ -439,6 +439,35 @@ async def test_settlements_refused_for_memory_are_applied_once_memory_is_free(
         await store.aclose()
 
 
+async def test_group_settlements_while_memory_is_full_are_applied_once_in_every_bucket(
+        redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
+    other = Bucket("p", "others")
+    try:
+        kept = await store.reserve_all([Claim(BUCKET, 1, 10), Claim(other, 2, 10)], 30_000)
+        dropped = await store.reserve_all([Claim(BUCKET, 1, 10), Claim(other, 2, 10)], 30_000)
+        assert await store.usage(BUCKET) == 2 and await store.usage(other) == 4
+        junk = await _fill_until_oom(admin)
+        # One operation each. A settlement first takes a lease (which frees memory), so Redis lets
+        # the rest of it write (see batch.lua): applied while memory is full, and only once.
+        assert store.settle_all_nowait([d.reservation for d in kept if d.reservation], True)
+        assert store.settle_all_nowait([d.reservation for d in dropped if d.reservation], False)
+        await store.flush()
+        await asyncio.sleep(0.5)  # sent again, were any refused
+
+        await admin.delete(*junk)
+        await wait_for(lambda: _usage_is(store, 1), 5.0, "the group settlements")
+        clock.advance(31)  # past the leases: a commit applied is not given back, nothing is held
+        await asyncio.sleep(0.5)
+        assert [await store.usage(b) for b in (BUCKET, other)] == [1, 2]
+        assert [await store.commits(b) for b in (BUCKET, other)] == [1, 2]
+        assert await admin.zcard("quota:{p}:things:leases") == 0
+        assert await admin.zcard("quota:{p}:others:leases") == 0
+        assert "gave up on a quota settlement" not in caplog.text
+    finally:
+        await store.aclose()
+
+
 async def test_settlements_refused_by_a_read_only_redis_are_applied_once_it_takes_writes(
         redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from middleware import Bucket, BucketUsage, Decision, MemoryStore, RedisStore, Store, StoreError
-from middleware.keys import counter_keys
+from middleware.keys import commits_key, counter_keys
 from middleware.stores.base import WINDOW_GRACE_MS, Claim
 from middleware.stores.memory import SWEEP_EVERY_MS
 from middleware.windows import Period
@@ -101,6 +101,45 @@ async def test_a_group_committed_after_its_leases_expired_counts_in_every_bucket
         await store.commit(decision.reservation)  # sent twice: still once
     await store.flush()
     assert [await store.usage(b) for b in (B, other)] == [1, 2]
+
+
+async def _settle_together(store: Store, decisions: list[Decision], keep: bool) -> None:
+    """A group's reservations settled as the engine settles them: together where the store can."""
+    reservations = [d.reservation for d in decisions if d.reservation is not None]
+    if not store.settle_all_nowait(reservations, keep):
+        for reservation in reservations:
+            await (store.commit(reservation) if keep else store.refund(reservation))
+
+
+async def test_a_group_settled_together_commits_or_refunds_every_bucket(store: Store, clock: FakeClock) -> None:
+    # One project's buckets (one hash slot on a cluster): a count quota, another, a window.
+    orders, minute = Bucket(B.project, "orders"), Bucket(B.project, "secrets:rate", Period(60).window_at(clock()))
+    claims = [Claim(B, 1, 5), Claim(orders, 2, 5), Claim(minute, 1, 5)]
+    await _settle_together(store, await store.reserve_all(claims, LEASE), keep=True)
+    await _settle_together(store, await store.reserve_all(claims, LEASE), keep=False)
+    await store.flush()
+    assert [await store.usage(b) for b in (B, orders, minute)] == [1, 2, 1]
+    assert [await store.commits(b) for b in (B, orders, minute)] == [1, 2, 1]
+    clock.advance(LEASE / 1000 + 1)  # nothing is left held: no lease expires into a give-back
+    assert [await store.usage(b) for b in (B, orders, minute)] == [1, 2, 1]
+    if isinstance(store, RedisStore):  # the window's keys still expire after it
+        assert minute.window is not None
+        start = int(minute.window.start)
+        for key in (*counter_keys(store.prefix, B.project, minute.resource, start)[:2],
+                    commits_key(store.prefix, B.project, minute.resource, start)):
+            assert await store.client.pttl(key) != -1, key
+
+
+async def test_a_group_settled_together_after_its_leases_expired_counts_in_every_bucket_once(
+        store: Store, clock: FakeClock) -> None:
+    orders = Bucket(B.project, "orders")
+    slow = await store.reserve_all([Claim(B, 1, 5), Claim(orders, 2, 5)], LEASE)
+    clock.advance(LEASE / 1000 + 1)
+    assert [await store.usage(b) for b in (B, orders)] == [0, 0]
+    await _settle_together(store, slow, keep=True)
+    await _settle_together(store, slow, keep=True)  # sent twice: still once
+    await store.flush()
+    assert [await store.usage(b) for b in (B, orders)] == [1, 2]
 
 
 async def test_release_gives_back_never_below_zero(store: Store) -> None:

@@ -174,6 +174,11 @@ class Store(ABC):
         over to be applied later); False: nothing done, await the coroutine instead."""
         return False
 
+    def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
+        """Settle every reservation of one ``reserve_all`` together, handed over as one (the Redis
+        store: one operation); False: nothing done, settle each."""
+        return False
+
     @abstractmethod
     async def release(self, bucket: Bucket, cost: int) -> int:
         """Give ``cost`` back after a delete, never below zero; returns the new usage."""

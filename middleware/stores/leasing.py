@@ -169,6 +169,12 @@ class LeasingStore(Store):
             self._settle_if_done(block)
         return True
 
+    def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
+        """A group's reservations are the inner store's (reserve_all is its own)."""
+        if any(reservation.member in self._lent for reservation in reservations):
+            return False
+        return self.inner.settle_all_nowait(reservations, keep)
+
     def _close(self, block: _Block) -> None:
         if block.open:
             block.open = False

@@ -84,8 +84,9 @@ OVERRIDES_SCRIPT = resources.files(__package__).joinpath("lua/overrides.lua").re
 LOAD_BATCH_SCRIPT = pack_command(cast(Any, ("SCRIPT", "LOAD", BATCH_SCRIPT)))  # hiredis's stub: a 1-tuple
 # What an operation does, as batch.lua knows it: one letter on the wire (see the script's header).
 RESERVE, COMMIT, REFUND, RELEASE, USAGE = "r", "c", "f", "l", "u"
-#: A reserve in several buckets at once, all or nothing: one operation (see _Group).
-GROUP = "G"
+#: A reserve in several buckets at once, all or nothing: one operation (see _Group); and the
+#: commit or refund of every reservation it made, one operation too.
+GROUP, COMMIT_GROUP, REFUND_GROUP = "G", "C", "F"
 RESERVING = (RESERVE, GROUP)
 SET_USAGE, COMMITS, METER, CHARGE, SEED = "s", "k", "m", "a", "x"
 #: The operations an operator's override applies to.
@@ -133,6 +134,8 @@ class _Group(NamedTuple):
     #: "<n> <amount limit key-expiry scale field>;..." : the operation's fields after its id and
     #: lease expiry, the same for every request of these claims.
     tail: str
+    #: "<n> <amount key-expiry>;...": the fields of its settlement after its id.
+    settle_tail: str
 
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
@@ -165,12 +168,15 @@ def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
 def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
     keys: list[str] = []
     parts: list[str] = []
+    settling: list[str] = []
     for bucket, cost, limit, scale in claims:
         bucket_keys, field, expires = _keys(prefix, bucket)
         keys += bucket_keys
         parts.append(f"{cost} {limit} {expires} {scale} {field}")
+        settling.append(f"{cost} {expires}")
     return _Group(tuple(keys), tuple(c.bucket for c in claims), tuple(c.cost for c in claims),
-                  tuple(member("", c.cost) for c in claims), f"{len(claims)} {';'.join(parts)}")
+                  tuple(member("", c.cost) for c in claims), f"{len(claims)} {';'.join(parts)}",
+                  f"{len(claims)} {';'.join(settling)}")
 
 
 @functools.lru_cache(maxsize=16_384)
@@ -230,6 +236,8 @@ class RedisStore(Store, SharedState):
         self._last_read: asyncio.Future[None] | None = None
         self._queue: list[_Op] = []
         self._groups: dict[int, tuple[Sequence[Claim], _Group]] = {}
+        #: Admitted groups not settled yet, by id (see settle_all_nowait).
+        self._held: dict[str, _Group] = {}
         self._worker: asyncio.Task[None] | None = None
         self._retry: list[_Op] = []
         self._retry_delay = RETRY_MIN
@@ -320,6 +328,18 @@ class RedisStore(Store, SharedState):
         """Hand the settlement over; nobody waits for it (it is sent again until Redis applies it)."""
         self._enqueue(_op(self.prefix, reservation.bucket, COMMIT if keep else REFUND, reservation.cost, 0,
                           reservation.member, retry_since=time.monotonic()))
+        return True
+
+    def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
+        """A group's reservations, settled in one operation (sent again until Redis applies it: each
+        bucket's settlement is idempotent). False for reservations of no group this store holds
+        whole (of several groups, on a cluster): settle each."""
+        group_id = reservations[0].member.rpartition(":")[0]
+        group = self._held.pop(group_id, None)
+        if group is None or len(group.costs) != len(reservations):
+            return False
+        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, 0,
+                                          1, "-", None, time.monotonic(), None, group)))
         return True
 
     async def release(self, bucket: Bucket, cost: int) -> int:
@@ -506,7 +526,8 @@ class RedisStore(Store, SharedState):
                 args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {expires} {scale} {field}")
                 answers += 3
             else:
-                args.append(f"{index} G {name} {lease_until} {group.tail}")
+                args.append(f"{index} G {name} {lease_until} {group.tail}" if kind == GROUP else
+                            f"{index} {kind} {name} {group.settle_tail}")
                 answers += 3 * len(group.costs)
         written: list[bool] = []  # not empty once the call may have reached Redis
         try:
@@ -563,14 +584,17 @@ class RedisStore(Store, SharedState):
 
     def _answer_group(self, op: _Op, answers: list[Any]) -> bool:
         """Answer a group with a Decision per bucket: every reservation, or (one refused or failed)
-        none; the script took a refused group's back. True when Redis refused a write."""
+        none; the script took a refused group's back. A group's settlement is sent again when it
+        failed. True when Redis refused a write."""
         group, future = op.group, op.future
-        assert group is not None and future is not None
+        assert group is not None
         flags: list[int] = answers[0::3]
         for i, flag in enumerate(flags):
-            if flag < 0:  # nothing of the group is held (see batch.lua)
-                self._fail(op, StoreError(f"store script failed: {_text(answers[3 * i + 1])}"), retry=False)
+            if flag < 0:  # a reserve: nothing of the group is held (see batch.lua)
+                self._fail(op, StoreError(f"store script failed: {_text(answers[3 * i + 1])}"), retry=flag == REFUSED)
                 return flag == REFUSED
+        if future is None:  # a settlement, applied
+            return False
         admitted = all(flag == 1 for flag in flags)
         if future.cancelled():
             if admitted:  # the caller went away while its reservations were in flight
@@ -579,6 +603,9 @@ class RedisStore(Store, SharedState):
         elif not future.done():
             if admitted:
                 group_id, lease_until = op.member, op.lease_until
+                if len(self._held) >= MAX_GROUPS:
+                    self._held.clear()  # their reservations are then settled one by one
+                self._held[group_id] = group
                 future.set_result([
                     tuple.__new__(Decision, (True, answers[3 * i + 1], answers[3 * i + 2], tuple.__new__(
                         Reservation, (group.buckets[i], group.costs[i], group_id + group.suffixes[i], lease_until))))

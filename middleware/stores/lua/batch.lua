@@ -15,8 +15,10 @@
 --       override field ('-': no override applies). A group (kind G, below) is one operation of
 --       its own form: "<index> G <id> <lease expiry ms> <n> <bucket>;<bucket>;..." with n
 --       buckets of "amount limit key-expiry scale field"; its buckets' keys are consecutive in
---       KEYS from the index, five each.
--- Kinds: r reserve, G reserve in several buckets, all or nothing (below), c commit, f refund
+--       KEYS from the index, five each. Its settlement is one operation too: "<index> C <id> <n>
+--       <amount key-expiry>;..." commits every bucket's lease as c would, F refunds them as f.
+-- Kinds: r reserve, G reserve in several buckets, all or nothing (below), C / F commit / refund
+--        every bucket of a group, c commit, f refund
 --        (with a lease expiry: the give-back of a reservation nobody holds, which takes only that
 --        very lease), l release, u usage, s set usage (member: '-', or the commit total read
 --        before the true usage was, whose commits since are added), k commit total, m metering
@@ -299,11 +301,30 @@ local function reserve_group(k, id, lease_until, count, parts)
   end
 end
 
+-- A group's settlement: each bucket's as c (or f) would, each answered (a failure in one does
+-- not stop the others; the whole is sent again, which each bucket's settlement bears).
+local function settle_group(k, kind, id, count, parts)
+  local n = 0
+  for amount, at in string.gmatch(parts, '(%d+) (%d+)') do
+    local base = k + 5 * n
+    n = n + 1
+    local ok, flag, used = pcall(apply, KEYS[base], KEYS[base + 1], KEYS[base + 2], KEYS[base + 4], kind,
+      id .. ':' .. amount, tonumber(amount), 0, 0, tonumber(at))
+    if not ok then flag, used = failure(flag) end
+    answer(flag, used, 0)
+  end
+  for _ = n + 1, count do answer(-1, 'malformed group settlement ' .. id, 0) end
+end
+
 for i = 2, #ARGV do
   local line = ARGV[i]
-  local k, id, lease_until, count, parts = string.match(line, '^(%d+) G (%S+) (%d+) (%d+) (.*)$')
-  if k then
+  local k, kind, rest = string.match(line, '^(%d+) ([GCF]) (.*)$')
+  if kind == 'G' then
+    local id, lease_until, count, parts = string.match(rest, '^(%S+) (%d+) (%d+) (.*)$')
     reserve_group(tonumber(k), id, tonumber(lease_until), tonumber(count), parts)
+  elseif kind then
+    local id, count, parts = string.match(rest, '^(%S+) (%d+) (.*)$')
+    settle_group(tonumber(k), kind == 'C' and 'c' or 'f', id, tonumber(count), parts)
   else
     local ok, err = pcall(run, line)
     if not ok then
