@@ -295,23 +295,21 @@ class RuleTable:
 
     def match(self, method: str, path: str) -> tuple[Rule, ...]:
         """The rules that apply to ``method path``, in their order (empty: an unguarded request)."""
-        guard = self._guard(method, path)
+        guard = self.guard({"method": method, "path": path})
         return () if guard is None else guard.rules
 
     def guard(self, scope: Scope) -> Guard | None:
-        """What guards this request (None: no rule does), on the path the application routes on."""
-        path: str = scope["path"]
-        root = scope.get("root_path")
-        return self._guard(scope["method"], path if not root else route_path(scope))
-
-    def _guard(self, method: str, path: str) -> Guard | None:
+        """What guards this request (None: no rule does), on the path the application routes on.
+        One call, and for a method no rule names one dict lookup: every unguarded request pays it."""
+        method = scope["method"]
         exact = self._exact.get(method)
+        if exact is None and method not in self._table:
+            return None
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
         if exact is not None:
             guard = exact.get(path)
             if guard is not None:
                 return guard
-        elif method not in self._table:
-            return None  # no rule for this method: the cheapest way past
         return self._match_pattern(method, path)
 
     def _match_pattern(self, method: str, path: str) -> Guard | None:
