@@ -48,9 +48,11 @@ def throughput_ratios(results: dict[str, Any], out: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("req/s, ratio to the bare app (medians)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    columns = min(len(labels), 3)  # more runs wrap onto further rows, below the axes
+    rows = -(-len(labels) // columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle("Throughput behind the middleware, per run of bench/throughput.py")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.01, 1, 1))
     return _save(fig, out / "throughput-ratios.png")
 
 
