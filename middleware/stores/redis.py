@@ -272,9 +272,10 @@ class RedisStore(Store, SharedState):
             group = known[1]
         else:
             group = _group_of(self.prefix, claims)
-            if len(self._groups) >= MAX_GROUPS:
-                self._groups.clear()
-            self._groups[id(claims)] = (claims, group)  # holding the claims: their id stays theirs
+            if isinstance(claims, tuple):  # a plan's (a list is made for one call: not kept)
+                if len(self._groups) >= MAX_GROUPS:
+                    self._groups.clear()
+                self._groups[id(claims)] = (claims, group)  # holding the claims: their id stays theirs
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
         self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
                                           0, 1, "-", future, None, None, group)))
@@ -302,7 +303,10 @@ class RedisStore(Store, SharedState):
                 for reservation in taken:
                     self.settle_nowait(reservation, False)
                 return [_refused(claim, decision) for claim, decision in zip(claims, decisions, strict=True)]
-            taken += [decision.reservation for decision in answers if decision.reservation is not None]
+            held = [decision.reservation for decision in answers if decision.reservation is not None]
+            if len(held) > 1:  # a part of the request's group: its reservations are settled one by one
+                self._held.pop(held[0].member.rpartition(":")[0], None)
+            taken += held
         return [decision for decision in decisions if decision is not None]
 
     def _slot(self, bucket: Bucket) -> int:
