@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -22,6 +23,7 @@ from middleware import (
     QuotaMiddleware,
     Quotas,
     QuotaSource,
+    RedisStore,
     Rejection,
     Rule,
     StaticSource,
@@ -254,3 +256,33 @@ async def test_check_reserves_nothing_and_usage_reads_every_resource(store: Stor
     assert await engine.check("p", {"servers": 4}) is None
     with pytest.raises(ValueError):
         await engine.check("p", {"servers": -1})
+
+
+@pytest.mark.parametrize("local_leases", [False, True])
+async def test_a_store_subclass_that_overrides_commit_settles_a_group_through_it(
+        clock: FakeClock, local_leases: bool) -> None:
+    # The Redis store settles a group in one operation; a subclass that audits commit and refund
+    # must still see each of them (as for one reservation), with or without local leases around it.
+    calls: list[str] = []
+
+    class AuditedRedis(RedisStore):
+        async def commit(self, reservation: Any) -> None:
+            calls.append(f"commit {reservation.bucket.resource}")
+            await super().commit(reservation)
+
+        async def refund(self, reservation: Any) -> None:
+            calls.append(f"refund {reservation.bucket.resource}")
+            await super().refund(reservation)
+
+    store = AuditedRedis(fakeredis.FakeAsyncRedis(), clock=clock)
+    engine = QuotaEngine(source=StaticSource({"servers": 10, "ram_mb": 4096}), store=store, clock=clock,
+                         local_leases=local_leases)
+    async with engine.reserve("p", {"servers": 1, "ram_mb": 2048}):
+        pass
+    with pytest.raises(RuntimeError):
+        async with engine.reserve("p", {"servers": 1, "ram_mb": 2048}):
+            raise RuntimeError("creation failed")
+    assert sorted(calls) == ["commit ram_mb", "commit servers", "refund ram_mb", "refund servers"]
+    usage = await engine.usage("p")
+    assert (usage["servers"]["used"], usage["ram_mb"]["used"]) == (1, 2048)
+    await engine.aclose()

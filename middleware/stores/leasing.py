@@ -57,6 +57,7 @@ class LeasingStore(Store):
                  max_buckets: int = 16_384) -> None:
         self.inner = inner
         self._inner_settles_nowait = nowait_usable(inner, "settle_nowait", "commit", "refund")
+        self._inner_settles_all_nowait = nowait_usable(inner, "settle_all_nowait", "settle_nowait", "commit", "refund")
         #: A block is at most 1/divisor of what remains in the store.
         self.divisor = divisor
         self.max_block = max_block
@@ -171,7 +172,7 @@ class LeasingStore(Store):
 
     def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
         """A group's reservations are the inner store's (reserve_all is its own)."""
-        if any(reservation.member in self._lent for reservation in reservations):
+        if not self._inner_settles_all_nowait or any(reservation.member in self._lent for reservation in reservations):
             return False
         return self.inner.settle_all_nowait(reservations, keep)
 
