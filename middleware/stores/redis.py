@@ -166,6 +166,7 @@ def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
 
 
 def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
+    """The claims of one request as a group operation's parts: formatted once, sent for each request."""
     keys: list[str] = []
     parts: list[str] = []
     settling: list[str] = []
@@ -594,7 +595,9 @@ class RedisStore(Store, SharedState):
         assert group is not None
         flags: list[int] = answers[0::3]
         for i, flag in enumerate(flags):
-            if flag < 0:  # a reserve: nothing of the group is held (see batch.lua)
+            # A reserve then holds nothing of its group (see batch.lua); a settlement is sent again
+            # whole, each bucket's being idempotent.
+            if flag < 0:
                 self._fail(op, StoreError(f"store script failed: {_text(answers[3 * i + 1])}"), retry=flag == REFUSED)
                 return flag == REFUSED
         if future is None:  # a settlement, applied
