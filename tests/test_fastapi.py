@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from examples import fastapi_app
 from middleware import Bucket, Decision, QuotaMiddleware, RedisStore, Rule, StaticSource, Store, problem_json
 from middleware.fastapi import QuotaRefused, guard, quota_refused_handler
+from tests.conftest import FakeClock
 from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
@@ -95,10 +96,11 @@ async def test_the_dependency_in_shadow_mode_admits_and_counts_past_the_limit() 
 
 def _twin_app(limit: int = 2, window: str | None = None, **guard_options: Any) -> QuotaMiddleware:
     """One resource guarded twice: by a rule on /by-rule, by the dependency on /by-dependency.
-    No exception handler is registered."""
+    No exception handler is registered. Time stands still (FakeClock): requests compared with each
+    other state the same seconds until their window ends, even across a second's boundary."""
     api = FastAPI()
     rules = [Rule("POST", "/by-rule", "things", window=window)]
-    quota = QuotaMiddleware(api, rules=rules, source=StaticSource({"things": limit}))
+    quota = QuotaMiddleware(api, rules=rules, source=StaticSource({"things": limit}), clock=FakeClock())
 
     @api.post("/by-rule", status_code=201)
     async def by_rule() -> dict[str, str]:
