@@ -99,6 +99,15 @@ class Charge:
         return limit_headers(name or self.bucket.resource, decision.limit, self.limit.scale,
                              decision.used if used is None else used, self.bucket.window, self.now)
 
+    def items(self, limit: int, used: int, own: str) -> tuple[bytes, bytes]:
+        """This charge's (``RateLimit-Policy`` item, ``RateLimit`` item) under the limit applied
+        (>= 0; an operator's override, maybe), in a request of project ``own``."""
+        if self.policy is not None and limit == self.limit.value:  # the plan's, pre-encoded
+            name, policy = self.policy
+        else:
+            name, policy = _policy_of(self, own, limit)  # type: ignore[misc]  # limit >= 0
+        return policy, limit_state(name, limit, self.limit.scale, used, self.bucket.window, self.now)
+
     def rejection(self, decision: Decision) -> Rejection:
         """Over quota: the limit applied may be an operator's override of the source's."""
         bucket, window, used = self.bucket, self.bucket.window, decision.used
@@ -139,15 +148,13 @@ class Admitted(NamedTuple):
 
     def headers(self, kept: bool = True) -> RawHeaders:
         """RateLimit headers for every policy the request met; a refunded request's usage without it."""
-        if len(self.charges) == 1:
+        if len(self.charges) == 1:  # one policy: no lists to join
             charge, decision = self.charges[0], self.decisions[0]
-            used = decision.used if kept else decision.used - charge.units
-            if charge.policy is not None and decision.limit == charge.limit.value:  # the plan's, pre-encoded
-                name, policy = charge.policy
-                return [(b"ratelimit-policy", policy),
-                        (b"ratelimit", limit_state(name, decision.limit, charge.limit.scale, used, charge.bucket.window,
-                                                   charge.now))]
-            return charge.headers(decision, used)
+            if decision.limit < 0:
+                return []
+            policy, state = charge.items(decision.limit, decision.used if kept else decision.used - charge.units,
+                                         charge.bucket.project)
+            return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
         return combined_headers(self.charges, self.decisions, refused=not kept)
 
 
@@ -326,8 +333,7 @@ class QuotaEngine:
         plan = self._plan_nowait(project, demands, None, now)
         if plan is None:
             return None
-        # Count quotas only: the very charges of the plan (no call, on every request).
-        charges = plan.made if plan.until == INF else plan.charges(now)
+        charges = plan.charges(now)
         if len(plan.claims) == 1:
             bucket, cost, limit, scale = plan.claims[0]
             decision = self._reserve_nowait(bucket, cost, limit, self.lease_ms, scale)
@@ -348,9 +354,9 @@ class QuotaEngine:
             reservations = [d.reservation for d in decisions if d.reservation is not None]
             try:
                 settled = len(reservations) > 1 and self._settle_all_nowait(reservations, keep)
-            except StoreError as exc:  # logged, as each reservation's would be: their leases expire
+            except StoreError as exc:  # logged and counted as each reservation's would be: their leases expire
                 _settle_failed(reservations[0].bucket, exc)
-                return ()
+                settled = True
             if settled:  # one settlement for the group (the Redis store: one operation)
                 if not keep:
                     for held in reservations:
@@ -459,7 +465,7 @@ class QuotaEngine:
         charges = _merged(charges)
         for charge in charges:
             charge.policy = _policy_of(charge, project)
-        until = min((c.bucket.window.end for c in charges if c.bucket.window is not None), default=math.inf)
+        until = min((c.bucket.window.end for c in charges if c.bucket.window is not None), default=INF)
         plan = _Plan(quotas, parent, parent_quotas, tuple(charges),
                      tuple(Claim(c.bucket, c.units, c.limit.value, c.limit.scale) for c in charges), until)
         if len(self._plans) >= self._cache_size:  # bounded: a flood of projects starts it afresh
@@ -828,13 +834,10 @@ def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *
         limit = decision.limit
         if limit < 0:
             continue  # unlimited: no policy to state
-        used = decision.used - charge.units if refused and decision.admitted else decision.used
-        if charge.policy is not None and limit == charge.limit.value:  # made for this very limit
-            name, policy = charge.policy
-        else:
-            name, policy = _policy_of(charge, own, limit)  # type: ignore[misc]  # limit >= 0
+        policy, state = charge.items(limit, decision.used - charge.units if refused and decision.admitted
+                                     else decision.used, own)
         policies.append(policy)
-        states.append(limit_state(name, limit, charge.limit.scale, used, charge.bucket.window, charge.now))
+        states.append(state)
     if not policies:
         return []
     return [(b"ratelimit-policy", b", ".join(policies)), (b"ratelimit", b", ".join(states))]
