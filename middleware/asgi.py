@@ -120,7 +120,7 @@ class QuotaMiddleware:
         shadow = guard.shadow
         try:
             project = self.identity(scope)
-            demands = guard.demands or guard.demands_for(scope)  # never empty: `or` computes only if needed
+            demands = guard.demands_for(scope)
         except RequestError as exc:
             if self.engine.shadow or shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)

@@ -305,7 +305,7 @@ class RuleTable:
         exact = self._exact.get(method)
         if exact is None and method not in self._table:
             return None
-        path = route_path(scope) if scope.get("root_path") else scope["path"]
+        path = route_path(scope)
         if exact is not None:
             guard = exact.get(path)
             if guard is not None:
