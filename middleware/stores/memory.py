@@ -81,9 +81,7 @@ class MemoryStore(Store):
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
         if self._overrides:  # most deployments set none: no lookup per request then
             limit = self._effective(bucket, limit, scale)
-        now = int(self._clock() * 1000)  # _now_ms, written out: it runs on every admission
-        if now >= self._next_sweep:
-            self._sweep(now)
+        now = self._now_ms()
         used = self._used.get(bucket, 0)
         if 0 <= limit < used + cost:
             # Expired leases only matter when they stand between a request and its limit: look
