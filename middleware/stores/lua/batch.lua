@@ -262,6 +262,16 @@ local function reserve_in(k, member, amount, limit, lease_until, at, scale, fiel
   return flag, used, limit
 end
 
+-- Take back what a group reserved in one bucket ({flag, used, limit, key index, member, amount,
+-- key expiry}): its lease and its count. Returns the usage after.
+local function take_back(a)
+  local counter = KEYS[a[4]]
+  if redis.call('ZREM', KEYS[a[4] + 1], a[5]) == 1 then
+    return give_back(counter, used_of(counter), a[6], a[7])
+  end
+  return a[2]
+end
+
 -- A group (see the header): all or nothing, three answers per bucket.
 local function reserve_group(k, id, lease_until, count, parts)
   local answers, n, refused = {}, 0, false
@@ -279,23 +289,15 @@ local function reserve_group(k, id, lease_until, count, parts)
   if n ~= count then
     for _ = 1, count do answer(-1, 'malformed group ' .. id, 0) end
     -- What it reserved (a well-formed start) is given back: a malformed group holds nothing.
-    refused = true
     for j = 1, n do
-      local a = answers[j]
-      if a[1] == 1 and redis.call('ZREM', KEYS[a[4] + 1], a[5]) == 1 then
-        give_back(KEYS[a[4]], used_of(KEYS[a[4]]), a[6], a[7])
-      end
+      if answers[j][1] == 1 then take_back(answers[j]) end
     end
     return
   end
   for j = 1, n do
     local a = answers[j]
     if refused and a[1] == 1 then
-      local counter = KEYS[a[4]]
-      if redis.call('ZREM', KEYS[a[4] + 1], a[5]) == 1 then
-        a[2] = give_back(counter, used_of(counter), a[6], a[7])
-      end
-      a[1] = HELD_BACK
+      a[1], a[2] = HELD_BACK, take_back(a)
     end
     answer(a[1], a[2], a[3])
   end
