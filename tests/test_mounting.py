@@ -88,5 +88,5 @@ async def test_path_parameters_of_a_resource_are_read_under_a_prefix() -> None:
     mounted = Starlette(routes=[Mount("/api", app=app)])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mounted), base_url="http://t") as client:
         assert (await client.post("/api/regions/eu/things", headers=HEADERS)).status_code == 201
-    assert store._used  # noqa: SLF001 - the bucket's name is what this test is about
-    assert {bucket.resource for bucket in store._used} == {"things:eu"}  # noqa: SLF001
+    assert store._slots  # noqa: SLF001 - the bucket's name is what this test is about
+    assert {bucket.resource for bucket in store._slots} == {"things:eu"}  # noqa: SLF001
