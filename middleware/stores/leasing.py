@@ -66,7 +66,8 @@ class LeasingStore(Store):
         self._unsettled: dict[str, _Block] = {}
         #: Reservations taken from blocks and not settled yet: member -> (block, cost).
         self._lent: dict[str, tuple[_Block, int]] = {}
-        self._members = itertools.count()
+        # "~0", "~1", ...: made in C, no formatting of ours per reservation.
+        self._members = map(_LOCAL.__add__, map(str, itertools.count()))
         self._granting: dict[Bucket, asyncio.Future[None]] = {}
         #: Store usage last seen per bucket, to size its next block. Bounded: one entry per bucket
         #: ever seen would grow with every project; a bucket that fell out is decided in the store
@@ -113,12 +114,12 @@ class LeasingStore(Store):
         block = self._open.get(bucket)
         if block is None:
             return None
-        available = block.available
+        available = block.reservation.cost - block.committed - block.inflight  # block.available, written out
         if block.limit != limit or available < cost:
             self._close(block)  # a changed limit, or not enough left: no more admissions from it
             return None
         block.inflight += cost
-        member = f"{_LOCAL}{next(self._members)}"
+        member = next(self._members)
         self._lent[member] = (block, cost)
         # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
         return tuple.__new__(Decision, (True, block.used_at_grant - available + cost, limit, tuple.__new__(
