@@ -91,6 +91,9 @@ class QuotaMiddleware:
         self.engine = engine
         self.rules = RuleTable(rules)
         self.identity = Identity(identity)
+        # A bound method: calling an instance goes through its class's __call__ slot, which
+        # packs the arguments in a tuple on every call.
+        self._project_of = self.identity.__call__
         self.renderer = renderer
 
     # The engine's parts, as the middleware's users have always reached them.
@@ -119,7 +122,7 @@ class QuotaMiddleware:
             return
         shadow = guard.shadow
         try:
-            project = self.identity(scope)
+            project = self._project_of(scope)
             demands = guard.demands_for(scope)
         except RequestError as exc:
             if self.engine.shadow or shadow:  # nothing to count without a project; let it through

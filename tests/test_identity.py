@@ -28,6 +28,24 @@ def test_two_project_headers_are_ambiguous_even_when_equal() -> None:
         assert raised.value.status_code == 400
 
 
+def test_a_header_identity_of_its_own_reads_its_header_and_refuses_two() -> None:
+    # Identity scans the default identity's header itself: the class is still right on its own.
+    tenant = HeaderIdentity("X-Tenant")
+    assert tenant(scope_with((b"x-project-id", b"p"), (b"x-tenant", b"t"))) == b"t"
+    assert Identity(tenant)(scope_with((b"x-project-id", b"p"), (b"x-tenant", b"t"))) == "t"
+    with pytest.raises(IdentityError, match="more than once"):
+        tenant(scope_with((b"x-tenant", b"a"), (b"x-tenant", b"b")))
+
+
+def test_a_subclass_of_the_header_identity_is_called() -> None:
+    class Lowered(HeaderIdentity):
+        def __call__(self, scope: dict[str, object]) -> bytes | None:  # type: ignore[override]
+            raw = super().__call__(scope)
+            return None if raw is None else raw.lower()
+
+    assert Identity(Lowered())(scope_with((b"x-project-id", b"P1"))) == "p1"
+
+
 async def test_a_request_with_two_project_headers_is_refused_and_counts_nothing() -> None:
     mw = guarded(limit=5)
     async with client_for(mw) as client:
