@@ -137,12 +137,15 @@ class MemoryStore(Store):
 
     def reserve_all_nowait(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         now = self._now_ms()
+        slots = self._slots
         seen: list[tuple[_Slot, int, int]] = []
         fits = True
         for bucket, cost, limit, scale in claims:  # every bucket checked before any is touched: all or nothing
             if self._overrides:
                 limit = self._effective(bucket, limit, scale)
-            slot = self._slot(bucket)
+            slot = slots.get(bucket)
+            if slot is None:
+                slot = slots[bucket] = _Slot()
             used = slot.used
             if 0 <= limit < used + cost:
                 used = self._purge(bucket, slot, now)
@@ -152,7 +155,7 @@ class MemoryStore(Store):
             return [Decision(False, used, limit) for _, used, limit in seen]
         expires, member = now + lease_ms, next(self._members)  # one member: each bucket has its own leases
         decisions = []
-        for (bucket, cost, *_), (slot, used, limit) in zip(claims, seen, strict=True):
+        for (bucket, cost, _, _), (slot, used, limit) in zip(claims, seen, strict=True):
             slot.used = used = used + cost
             slot.leases[member] = (expires, cost)
             decisions.append(_new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires)))))
@@ -194,6 +197,12 @@ class MemoryStore(Store):
             slot = self._slot(bucket)
             slot.used += cost
             slot.commits += cost
+        return True
+
+    def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
+        settle = self.settle_nowait
+        for reservation in reservations:
+            settle(reservation, keep)
         return True
 
     def _refund(self, reservation: Reservation) -> None:
