@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,11 +113,20 @@ def limit_policy(resource: str, value: int, scale: int, window: Window | None) -
 
 def limit_state(name: bytes, value: int, scale: int, used: int, window: Window | None, now: float) -> bytes:
     """The ``RateLimit`` item: what remains, in whole quota units (rounded down), and for a window
-    the seconds until it ends."""
-    remaining = max(0, value - used) // scale
+    the seconds until it ends (rounded up). Written without max() and math.ceil(): it runs for
+    every policy of every limited request."""
+    remaining = value - used
+    if remaining <= 0:
+        remaining = 0
+    elif scale != 1:
+        remaining //= scale
     if window is None:
         return b"%s;r=%d" % (name, remaining)
-    return b"%s;r=%d;t=%d" % (name, remaining, max(0, math.ceil(window.end - now)))
+    left = window.end - now
+    seconds = int(left)
+    if seconds < left:
+        seconds += 1
+    return b"%s;r=%d;t=%d" % (name, remaining, seconds if seconds > 0 else 0)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from middleware import Limit, Rejection, Window, barbican_error, problem_json
-from middleware.rendering import format_amount, iso_time, ratelimit_headers
+from middleware.rendering import format_amount, iso_time, limit_state, ratelimit_headers
 
 
 def test_barbican_error_is_barbicans_shape_with_a_retry_after_when_known() -> None:
@@ -46,3 +50,15 @@ def test_unlimited_sends_no_headers_and_names_are_escaped() -> None:
 def test_amounts_and_times_for_people() -> None:
     assert format_amount(1500, 1000) == "1.5" and format_amount(7, 1) == "7" and format_amount(2000, 1000) == "2"
     assert iso_time(0) == "1970-01-01T00:00:00Z"
+
+
+@given(value=st.integers(0, 10**13), used=st.integers(0, 10**13), scale=st.sampled_from([1, 100, 10**6]),
+       left=st.floats(-120, 120, allow_nan=False))
+def test_the_ratelimit_item_rounds_what_remains_down_and_the_seconds_left_up(value: int, used: int, scale: int,
+                                                                            left: float) -> None:
+    # limit_state is written without max() and math.ceil() (it runs for every policy): the same numbers.
+    window = Window(1000.0, 1060.0)
+    now = window.end - left
+    assert limit_state(b'"r"', value, scale, used, None, now) == b'"r";r=%d' % (max(0, value - used) // scale)
+    assert limit_state(b'"r"', value, scale, used, window, now) == (
+        b'"r";r=%d;t=%d' % (max(0, value - used) // scale, max(0, math.ceil(window.end - now))))
