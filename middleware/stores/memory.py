@@ -136,30 +136,42 @@ class MemoryStore(Store):
         return self.reserve_all_nowait(claims, lease_ms)
 
     def reserve_all_nowait(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        """All or nothing, in one pass: each bucket is taken in turn, and if one falls short the
+        ones taken before it are given back (no await in between: nobody saw them)."""
         now = self._now_ms()
         slots = self._slots
-        seen: list[tuple[_Slot, int, int]] = []
-        fits = True
-        for bucket, cost, limit, scale in claims:  # every bucket checked before any is touched: all or nothing
+        expires, member = now + lease_ms, next(self._members)  # one member: each bucket has its own leases
+        decisions: list[Decision] = []
+        for bucket, cost, limit, scale in claims:
             if self._overrides:
                 limit = self._effective(bucket, limit, scale)
             slot = slots.get(bucket)
             if slot is None:
                 slot = slots[bucket] = _Slot()
-            used = slot.used
-            if 0 <= limit < used + cost:
-                used = self._purge(bucket, slot, now)
-                fits = fits and used + cost <= limit
-            seen.append((slot, used, limit))
-        if not fits:
-            return [Decision(False, used, limit) for _, used, limit in seen]
-        expires, member = now + lease_ms, next(self._members)  # one member: each bucket has its own leases
-        decisions = []
-        for (bucket, cost, _, _), (slot, used, limit) in zip(claims, seen, strict=True):
-            slot.used = used = used + cost
+            used = slot.used + cost
+            if 0 <= limit < used:
+                used = self._purge(bucket, slot, now) + cost
+                if limit < used:
+                    return self._refused(claims, decisions, now)
+            slot.used = used
             slot.leases[member] = (expires, cost)
             decisions.append(_new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires)))))
         return decisions
+
+    def _refused(self, claims: Sequence[Claim], taken: list[Decision], now: int) -> list[Decision]:
+        """Give back what a refused group took; every bucket's refusal, with its usage."""
+        for decision in taken:
+            self._refund(decision.reservation)  # type: ignore[arg-type]  # an admission holds one
+        refused = []
+        for bucket, cost, limit, scale in claims:
+            if self._overrides:
+                limit = self._effective(bucket, limit, scale)
+            slot = self._slots.get(bucket)
+            used = 0 if slot is None else slot.used
+            if slot is not None and 0 <= limit < used + cost:
+                used = self._purge(bucket, slot, now)
+            refused.append(Decision(False, used, limit))
+        return refused
 
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:
         limit = self._effective(bucket, limit, scale)
