@@ -781,12 +781,24 @@ class _Plan:
     claims: tuple[Claim, ...]
     #: When the plan is over: its first window's end.
     until: float
+    #: The windowed charges made last, and the whole second they were made in (see charges).
+    second: float = -1.0
+    at_second: tuple[Charge, ...] = ()
 
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == INF:  # count quotas only: the same charges for every request
             return self.made
-        return tuple([c if c.bucket.window is None else Charge(c.bucket, c.limit, c.units, now, c.policy)
+        # A window's charge carries the request's time for its header's t= (the seconds left,
+        # rounded up). Windows end on a whole second (Period's always do), so t= is the same all
+        # second long: the charges made at the second's first request serve the rest of it.
+        second = now // 1
+        if second == self.second:
+            return self.at_second
+        made = tuple([c if c.bucket.window is None else Charge(c.bucket, c.limit, c.units, now, c.policy)
                       for c in self.made])
+        if all(c.bucket.window is None or c.bucket.window.end % 1 == 0 for c in made):
+            self.second, self.at_second = second, made
+        return made
 
 
 class _CountUnlimited:

@@ -3,6 +3,7 @@ and the same from Python (reserve, check, usage). Every store: memory, fakeredis
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import fakeredis
@@ -17,6 +18,7 @@ from middleware import (
     Bucket,
     ConfigurationError,
     Demand,
+    Limit,
     Period,
     QuotaEngine,
     QuotaExceeded,
@@ -28,6 +30,7 @@ from middleware import (
     Rule,
     StaticSource,
     Store,
+    Window,
 )
 from tests.conftest import FakeClock
 
@@ -76,6 +79,22 @@ async def test_a_rate_limit_beside_a_count_quota(store: Store, clock: FakeClock)
         assert (await c.post("/things", headers=HEADERS)).status_code == 403  # the count quota
         assert "things allows 4, 4 already in use" in (await c.post("/things", headers=HEADERS)).json()["description"]
     assert (await used(store, Bucket("p", "things")))[0] == 4
+
+
+@pytest.mark.parametrize("end", [1_800_000_060.0, 1_800_000_059.5], ids=["whole-second", "fractional"])
+async def test_the_seconds_left_of_a_window_are_exact_from_request_to_request(store: Store, clock: FakeClock,
+                                                                               end: float) -> None:
+    # Windowed charges are made once a second when the window ends on a whole second (t= is the
+    # same all second long); a billing period ending mid-second gets its own every request.
+    rules = [Rule("POST", "/things", "things"), Rule("POST", "/things", "credits")]
+    app = guarded(store, clock, rules, {"things": 100, "credits": Limit(100, period=Window(clock.now, end))})
+    async with client(app) as c:
+        for step in (0.0, 0.3, 0.4, 0.3, 0.5, 0.5, 0.25):
+            clock.advance(step)
+            answer = await c.post("/things", headers=HEADERS)
+            assert answer.status_code == 201
+            left = answer.headers["ratelimit"].split(", ")[1]
+            assert left.endswith(f";t={math.ceil(end - clock.now)}"), (clock.now, left)
 
 
 async def test_one_request_charging_several_resources_is_all_or_nothing(store: Store, clock: FakeClock) -> None:
