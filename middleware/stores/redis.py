@@ -594,15 +594,15 @@ class RedisStore(Store, SharedState):
         group, future = op.group, op.future
         assert group is not None
         flags: list[int] = answers[0::3]
-        for i, flag in enumerate(flags):
+        if min(flags) < 0:  # (min and count: no loop of ours over the flags of every group answered)
             # A reserve then holds nothing of its group (see batch.lua); a settlement is sent again
             # whole, each bucket's being idempotent.
-            if flag < 0:
-                self._fail(op, StoreError(f"store script failed: {_text(answers[3 * i + 1])}"), retry=flag == REFUSED)
-                return flag == REFUSED
+            i, flag = next((i, flag) for i, flag in enumerate(flags) if flag < 0)
+            self._fail(op, StoreError(f"store script failed: {_text(answers[3 * i + 1])}"), retry=flag == REFUSED)
+            return flag == REFUSED
         if future is None:  # a settlement, applied
             return False
-        admitted = all(flag == 1 for flag in flags)
+        admitted = flags.count(1) == len(flags)
         if future.cancelled():
             if admitted:  # the caller went away while its reservations were in flight
                 for refund in self._give_back(op):
