@@ -247,6 +247,19 @@ async def test_windowed_counters_expire_after_their_window(store: Store, clock: 
         assert await store.buckets(bucket.project) == []
 
 
+async def test_a_bucket_refused_on_its_first_request_holds_nothing(store: Store) -> None:
+    # A disabled resource (limit 0) refuses every request. (The memory store keeps no bucket for
+    # it at all; Redis may keep its empty keys, listed with nothing used.)
+    disabled = Bucket("project-refused", "secrets")
+    decision = await store.reserve(disabled, 1, 0, LEASE)
+    assert not decision.admitted and decision.reservation is None and decision.used == 0
+    await store.flush()
+    assert await store.usage(disabled) == 0
+    assert all((view.used, view.reserved) == (0, 0) for view in await store.buckets(disabled.project))
+    if isinstance(store, MemoryStore):
+        assert await store.buckets(disabled.project) == []
+
+
 async def test_weighted_costs_never_admit_past_the_limit(store: Store) -> None:
     # Thousandths of a credit: 0.3 credits each against 1.0 admits 3, never a 4th.
     decisions = await asyncio.gather(*(store.reserve(B, 300, 1000, LEASE) for _ in range(10)))

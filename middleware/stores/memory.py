@@ -115,6 +115,8 @@ class MemoryStore(Store):
             self._sweep(now)
         slot = self._slots.get(bucket)
         if slot is None:
+            if 0 <= limit < cost:  # refused on its first request (a disabled resource): nothing to keep
+                return Decision(False, 0, limit)
             slot = self._slots[bucket] = _Slot()
         used = slot.used + cost
         if 0 <= limit < used:
@@ -147,6 +149,8 @@ class MemoryStore(Store):
                 limit = self._effective(bucket, limit, scale)
             slot = slots.get(bucket)
             if slot is None:
+                if 0 <= limit < cost:
+                    return self._refused(claims, decisions, now)
                 slot = slots[bucket] = _Slot()
             used = slot.used + cost
             if 0 <= limit < used:
