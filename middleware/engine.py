@@ -108,9 +108,12 @@ class Charge:
             name, policy = _policy_of(self, own, limit)  # type: ignore[misc]  # limit >= 0
         return policy, limit_state(name, limit, self.limit.scale, used, self.bucket.window, self.now)
 
-    def rejection(self, decision: Decision) -> Rejection:
-        """Over quota: the limit applied may be an operator's override of the source's."""
+    def rejection(self, decision: Decision, now: float | None = None) -> Rejection:
+        """Over quota: the limit applied may be an operator's override of the source's. ``now``:
+        the request's time, for Retry-After (the charge's own may be an earlier instant of the
+        same second, see _Plan.charges)."""
         bucket, window, used = self.bucket, self.bucket.window, decision.used
+        now = self.now if now is None else now
         limit = replace(self.limit, value=decision.limit)
         if limit.value == 0:
             description = DISABLED.format(project=bucket.project, resource=bucket.resource)
@@ -124,7 +127,7 @@ class Charge:
         return Rejection(403 if window is None else 429, description, project=bucket.project,
                          resource=bucket.resource, limit=in_quota_units(limit.value, limit.scale),
                          used=in_quota_units(used, limit.scale),
-                         retry_after=None if window is None else window.end - self.now, headers=self.headers(decision))
+                         retry_after=None if window is None else window.end - now, headers=self.headers(decision))
 
 
 class Admitted(NamedTuple):
@@ -309,7 +312,7 @@ class QuotaEngine:
             if not decision.admitted:
                 self.record_outcome(resource, "shadow_rejected" if shadow else "rejected", project)
                 if not shadow:
-                    return charge.rejection(decision)
+                    return charge.rejection(decision, now)
                 # Shadow mode: what enforcement would refuse is recorded, admitted, and counted,
                 # so that usage stays true for the day enforcement starts.
                 self._shadow_log.refused(project, resource, charge.rejection(decision).description)
@@ -405,7 +408,7 @@ class QuotaEngine:
                 charge, decision = charges[refused], decisions[refused]
                 self.record_outcome(charge.bucket.resource, "shadow_rejected" if shadow else "rejected",
                                     charge.bucket.project)
-                rejection = charge.rejection(decision)
+                rejection = charge.rejection(decision, now)
                 if not shadow:
                     # The answer carries every policy the request met (RateLimit fields are lists).
                     return replace(rejection, headers=combined_headers(charges, decisions, refused=True))

@@ -97,6 +97,24 @@ async def test_the_seconds_left_of_a_window_are_exact_from_request_to_request(st
             assert left.endswith(f";t={math.ceil(end - clock.now)}"), (clock.now, left)
 
 
+@pytest.mark.parametrize("rules", [
+    [Rule("POST", "/things", "things:rate", limit="1/minute")],
+    [Rule("POST", "/things", "things"), Rule("POST", "/things", "things:rate", limit="1/minute")],
+], ids=["one-charge", "two-charges"])
+async def test_retry_after_is_the_refused_requests_own_within_a_second(store: Store, clock: FakeClock,
+                                                                       rules: list[Rule]) -> None:
+    # The charges made at 10.2 s serve the rest of that second; a refusal at 10.9 s still says
+    # round(60 - 10.9) = 49, not the 50 of the charges' own time.
+    app = guarded(store, clock, rules, {"things": 100})
+    async with client(app) as c:
+        clock.advance(10.2)
+        assert (await c.post("/things", headers=HEADERS)).status_code == 201
+        clock.advance(0.7)
+        refused = await c.post("/things", headers=HEADERS)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "49"
+
+
 async def test_one_request_charging_several_resources_is_all_or_nothing(store: Store, clock: FakeClock) -> None:
     rules = [Rule("POST", "/containers", charges={"containers": 1, "secrets": secrets_in})]
     app = guarded(store, clock, rules, {"containers": 10, "secrets": 5})
