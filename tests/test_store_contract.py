@@ -407,6 +407,27 @@ async def test_memory_store_gives_back_expired_leases_that_never_stood_in_the_wa
     assert await store.usage(B) == 0
 
 
+async def test_memory_store_refuses_a_group_that_claims_a_bucket_twice(clock: FakeClock) -> None:
+    # One member per group and bucket: a second claim on the same bucket would leave one lease
+    # holding two costs' worth of usage. Buckets must be distinct (the engine sums repeats).
+    store = MemoryStore(clock=clock)
+    other = Bucket(B.project, "other")
+    with pytest.raises(ValueError, match="claimed twice"):
+        await store.reserve_all([Claim(other, 1, 5), Claim(B, 1, 5), Claim(B, 1, 5)], LEASE)
+    assert [await store.usage(b) for b in (B, other)] == [0, 0]
+    assert await store.buckets(B.project) == []
+
+
+async def test_memory_store_writes_to_a_window_over_land_in_a_fresh_bucket(clock: FakeClock) -> None:
+    # A write whose own clock reading sweeps the window's old bucket away starts a new one.
+    store = MemoryStore(clock=clock)
+    bucket = windowed(clock)
+    assert await store.charge(bucket, 5) == 5
+    clock.advance(60 + WINDOW_GRACE_MS / 1000 + SWEEP_EVERY_MS / 1000 + 1)
+    assert await store.charge(bucket, 2) == 2
+    assert await store.usage(bucket) == 2
+
+
 # -- read-only views: what operators and usage reads see -------------------------------------------
 
 async def test_a_bucket_is_inspected_without_changing_it(store: Store, clock: FakeClock) -> None:
@@ -472,6 +493,28 @@ async def test_several_buckets_are_reserved_together_or_not_at_all(store: Store)
         await store.commit(decision.reservation)
     await store.flush()
     assert [await store.usage(b) for b in (count, rate, cap)] == [1, 1, 2]
+
+
+async def test_a_group_refused_by_a_later_bucket_leaves_the_earlier_ones_as_they_were(store: Store) -> None:
+    # The memory store takes buckets in turn and undoes them on a refusal: exactly, and keeping
+    # no bucket it made for nothing.
+    held, new, disabled = Bucket("p", "held"), Bucket("p", "new"), Bucket("p", "disabled")
+    kept = await store.reserve(held, 2, 10, LEASE)
+    assert kept.reservation
+    await store.commit(kept.reservation)
+    decisions = await store.reserve_all([Claim(held, 1, 10), Claim(new, 1, 10), Claim(disabled, 1, 0)], LEASE)
+    assert [(d.admitted, d.used) for d in decisions] == [(False, 2), (False, 0), (False, 0)]
+    await store.flush()
+    assert [await store.usage(b) for b in (held, new, disabled)] == [2, 0, 0]
+    if isinstance(store, MemoryStore):
+        assert [view.bucket for view in await store.buckets("p")] == [held]
+
+
+async def test_an_empty_group_is_answered_and_does_not_hold_up_its_batch(store: Store) -> None:
+    a, b = Bucket("p", "a"), Bucket("p", "b")
+    first, empty, last = await asyncio.wait_for(
+        asyncio.gather(store.reserve(a, 1, 5, LEASE), store.reserve_all([], LEASE), store.reserve(b, 1, 5, LEASE)), 5)
+    assert first.admitted and empty == [] and last.admitted
 
 
 async def test_a_group_refused_by_its_first_bucket_takes_nothing_from_the_others(store: Store) -> None:

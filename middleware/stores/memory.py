@@ -88,8 +88,9 @@ class MemoryStore(Store):
 
     def _purged(self, bucket: Bucket) -> _Slot:
         """The bucket's slot (made if new), expired leases given back: for a write."""
+        now = self._now_ms()  # first: a sweep it runs may drop the bucket's old slot
         slot = self._slot(bucket)
-        self._purge(bucket, slot, self._now_ms())
+        self._purge(bucket, slot, now)
         return slot
 
     def _used_now(self, bucket: Bucket) -> int:
@@ -157,23 +158,33 @@ class MemoryStore(Store):
                 used = self._purge(bucket, slot, now) + cost
                 if limit < used:
                     return self._refused(claims, decisions, now)
+            if member in slot.leases:  # the group's one member is in this bucket already
+                self._refused(claims, decisions, now)
+                raise ValueError(f"reserve_all: {bucket} is claimed twice; buckets must be distinct "
+                                 f"(sum their costs)")
             slot.used = used
             slot.leases[member] = (expires, cost)
             decisions.append(_new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires)))))
         return decisions
 
     def _refused(self, claims: Sequence[Claim], taken: list[Decision], now: int) -> list[Decision]:
-        """Give back what a refused group took; every bucket's refusal, with its usage."""
+        """Undo what a refused group took, exactly (no slot it made is kept); every bucket's
+        refusal, with its usage."""
         for decision in taken:
-            self._refund(decision.reservation)  # type: ignore[arg-type]  # an admission holds one
+            bucket, cost, member, _ = decision.reservation  # type: ignore[misc]  # an admission holds one
+            slot = self._slots[bucket]
+            del slot.leases[member]
+            slot.used -= cost
+            if slot.used == 0 and not slot.leases and slot.commits == 0:
+                del self._slots[bucket]  # as good as none: the slot this group made, maybe
         refused = []
         for bucket, cost, limit, scale in claims:
             if self._overrides:
                 limit = self._effective(bucket, limit, scale)
-            slot = self._slots.get(bucket)
-            used = 0 if slot is None else slot.used
-            if slot is not None and 0 <= limit < used + cost:
-                used = self._purge(bucket, slot, now)
+            found = self._slots.get(bucket)
+            used = 0 if found is None else found.used
+            if found is not None and 0 <= limit < used + cost:
+                used = self._purge(bucket, found, now)
             refused.append(Decision(False, used, limit))
         return refused
 
