@@ -261,6 +261,10 @@ class RedisStore(Store, SharedState):
 
     def reserve_all(  # type: ignore[override]  # an awaitable, as the contract asks (see reserve)
             self, claims: Sequence[Claim], lease_ms: int) -> Awaitable[list[Decision]]:
+        if not claims:  # nothing to decide: no operation (a cluster would find no slot for it)
+            nothing: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
+            nothing.set_result([])
+            return nothing
         if len(claims) == 1:
             return self._reserve_one(claims[0], lease_ms)
         if self._cluster and len({self._slot(claim.bucket) for claim in claims}) > 1:
@@ -594,7 +598,7 @@ class RedisStore(Store, SharedState):
         group, future = op.group, op.future
         assert group is not None
         flags: list[int] = answers[0::3]
-        if min(flags) < 0:  # (min and count: no loop of ours over the flags of every group answered)
+        if flags and min(flags) < 0:  # (min and count: no loop of ours over the flags of every group)
             # A reserve then holds nothing of its group (see batch.lua); a settlement is sent again
             # whole, each bucket's being idempotent.
             i, flag = next((i, flag) for i, flag in enumerate(flags) if flag < 0)
