@@ -91,10 +91,18 @@ class QuotaMiddleware:
         self.engine = engine
         self.rules = RuleTable(rules)
         self.identity = Identity(identity)
-        # A bound method: calling an instance goes through its class's __call__ slot, which
-        # packs the arguments in a tuple on every call.
-        self._project_of = self.identity.__call__
         self.renderer = renderer
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
+
+    @identity.setter
+    def identity(self, identity: Identity) -> None:
+        self._identity = identity
+        # Called through a bound method: calling an instance goes through its class's __call__
+        # slot, which packs the arguments in a tuple on every call.
+        self._project_of = identity.__call__
 
     # The engine's parts, as the middleware's users have always reached them.
     @property

@@ -785,7 +785,7 @@ class _Plan:
     #: When the plan is over: its first window's end.
     until: float
     #: The windowed charges made last, and the whole second they were made in (see charges).
-    second: float = -1.0
+    second: float = math.nan  # equal to no second
     at_second: tuple[Charge, ...] = ()
 
     def charges(self, now: float) -> tuple[Charge, ...]:

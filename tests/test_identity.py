@@ -54,3 +54,12 @@ async def test_a_request_with_two_project_headers_is_refused_and_counts_nothing(
         assert "more than once" in response.json()["description"]
         assert (await client.post("/things", headers={"X-Project-Id": "p"})).status_code == 201
     assert await usage(mw, "p") == 1 and await usage(mw, "victim") == 0
+
+
+async def test_an_identity_set_on_the_middleware_later_is_the_one_it_asks() -> None:
+    mw = guarded(limit=5)
+    mw.identity = Identity(HeaderIdentity("X-Tenant"))
+    async with client_for(mw) as client:
+        assert (await client.post("/things", headers={"X-Tenant": "t"})).status_code == 201
+        assert (await client.post("/things", headers={"X-Project-Id": "p"})).status_code == 401
+    assert await usage(mw, "t") == 1 and await usage(mw, "p") == 0
