@@ -43,7 +43,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +55,7 @@ from harness import (
     free_port,
     request_bytes,
     start_redis,
+    wait_http,
     workspace,
 )
 
@@ -123,21 +123,6 @@ def send(port: int, route: Route, total: int) -> int:
     return each * CONNECTIONS
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the worker exited with {proc.returncode} before listening")
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"the worker did not listen on {port} within {timeout:.0f} s")
-
-
 def control(pid: int, *command: str) -> None:
     subprocess.run(["callgrind_control", *command, str(pid)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
@@ -159,7 +144,7 @@ def count(target: Target, requests: int, tmp: Path, redis_url: str | None) -> fl
     # measured must be PYTHONPATH's (or the editable install's), as in every other script here.
     proc = subprocess.Popen(argv, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_listening(port, proc)
+        wait_http(port, proc, "/health", 200, timeout=120)  # valgrind starts it slowly
         send(port, target.route, WARM_UP)
         control(proc.pid, "-i", "on")
         sent = send(port, target.route, requests)
