@@ -37,6 +37,11 @@ def member(reservation_id: str, cost: int) -> str:
     return f"{reservation_id}:{cost}"
 
 
+def member_id(value: str) -> str:
+    """The reservation id a lease member carries (a group's id, for each of its leases)."""
+    return value.rpartition(":")[0]
+
+
 def member_cost(value: bytes | str) -> int:
     """The cost a lease member carries (0 for a member not of this format)."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value

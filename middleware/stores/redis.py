@@ -42,6 +42,7 @@ from ..keys import (
     escape,
     member,
     member_cost,
+    member_id,
     overridden_projects_key,
     overrides_key,
     parse_counter_key,
@@ -310,7 +311,7 @@ class RedisStore(Store, SharedState):
                 return [_refused(claim, decision) for claim, decision in zip(claims, decisions, strict=True)]
             held = [decision.reservation for decision in answers if decision.reservation is not None]
             if len(held) > 1:  # a part of the request's group: its reservations are settled one by one
-                self._held.pop(held[0].member.rpartition(":")[0], None)
+                self._held.pop(member_id(held[0].member), None)
             taken += held
         return [decision for decision in decisions if decision is not None]
 
@@ -343,7 +344,7 @@ class RedisStore(Store, SharedState):
         """A group's reservations, settled in one operation (sent again until Redis applies it: each
         bucket's settlement is idempotent). False for reservations of no group this store holds
         whole (of several groups, on a cluster): settle each."""
-        group_id = reservations[0].member.rpartition(":")[0]
+        group_id = member_id(reservations[0].member)
         group = self._held.pop(group_id, None)
         if group is None or len(group.costs) != len(reservations):
             return False
