@@ -114,7 +114,7 @@ class LeasingStore(Store):
         block = self._open.get(bucket)
         if block is None:
             return None
-        available = block.reservation.cost - block.committed - block.inflight  # block.available, written out
+        available = block.available
         if block.limit != limit or available < cost:
             self._close(block)  # a changed limit, or not enough left: no more admissions from it
             return None
