@@ -599,7 +599,7 @@ class RedisStore(Store, SharedState):
         group, future = op.group, op.future
         assert group is not None
         flags: list[int] = answers[0::3]
-        if flags and min(flags) < 0:  # (min and count: no loop of ours over the flags of every group)
+        if min(flags) < 0:  # (min and count: no loop of ours over the flags of every group answered)
             # A reserve then holds nothing of its group (see batch.lua); a settlement is sent again
             # whole, each bucket's being idempotent.
             i, flag = next((i, flag) for i, flag in enumerate(flags) if flag < 0)
