@@ -159,7 +159,7 @@ class MemoryStore(Store):
                 if limit < used:
                     return self._refused(claims, decisions, now)
             if member in slot.leases:  # the group's one member is in this bucket already
-                self._refused(claims, decisions, now)
+                self._undo(decisions)
                 raise ValueError(f"reserve_all: {bucket} is claimed twice; buckets must be distinct "
                                  f"(sum their costs)")
             slot.used = used
@@ -167,9 +167,8 @@ class MemoryStore(Store):
             decisions.append(_new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires)))))
         return decisions
 
-    def _refused(self, claims: Sequence[Claim], taken: list[Decision], now: int) -> list[Decision]:
-        """Undo what a refused group took, exactly (no slot it made is kept); every bucket's
-        refusal, with its usage."""
+    def _undo(self, taken: list[Decision]) -> None:
+        """Undo what a group took before it stopped, exactly (no slot it made is kept)."""
         for decision in taken:
             bucket, cost, member, _ = decision.reservation  # type: ignore[misc]  # an admission holds one
             slot = self._slots[bucket]
@@ -177,6 +176,10 @@ class MemoryStore(Store):
             slot.used -= cost
             if slot.used == 0 and not slot.leases and slot.commits == 0:
                 del self._slots[bucket]  # as good as none: the slot this group made, maybe
+
+    def _refused(self, claims: Sequence[Claim], taken: list[Decision], now: int) -> list[Decision]:
+        """Undo what a refused group took; every bucket's refusal, with its usage."""
+        self._undo(taken)
         refused = []
         for bucket, cost, limit, scale in claims:
             if self._overrides:
