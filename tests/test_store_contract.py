@@ -8,7 +8,7 @@ import pytest
 
 from middleware import Bucket, BucketUsage, Decision, MemoryStore, RedisStore, Store, StoreError
 from middleware.keys import commits_key, counter_keys
-from middleware.stores.base import WINDOW_GRACE_MS, Claim
+from middleware.stores.base import WINDOW_GRACE_MS, Claim, Reservation, reservation_of
 from middleware.stores.memory import SWEEP_EVERY_MS
 from middleware.windows import Period
 from tests.conftest import FakeClock
@@ -198,6 +198,46 @@ async def test_nowait_calls_count_like_awaited_ones(store: Store) -> None:
         if not store.settle_nowait(decision.reservation, keep):
             await (store.commit(decision.reservation) if keep else store.refund(decision.reservation))
     await store.flush()
+    assert await store.usage(B) == 2
+
+
+async def test_taken_calls_count_like_awaited_ones(store: Store, clock: FakeClock) -> None:
+    # The engine's fast path: take_nowait / settle_taken_nowait, in plain values, where a store
+    # decides in process; whichever way each call goes, the counting is the same.
+    held: list[Reservation] = []
+    refused = 0
+    for _ in range(6):
+        taken = store.take_nowait(B, 1, 4, LEASE)
+        if taken is not None:
+            used, limit, _, expires_ms = taken
+            assert (used, limit) == (len(held) + 1, 4) and expires_ms == int(clock() * 1000) + LEASE
+            held.append(reservation_of(B, 1, taken))
+            continue
+        decision = await store.reserve(B, 1, 4, LEASE)  # refused, or not decidable in process
+        if decision.reservation is None:
+            refused += 1
+        else:
+            held.append(decision.reservation)
+    assert len(held) == 4 and refused == 2
+    for i, reservation in enumerate(held):
+        keep = i % 2 == 0
+        for _ in range(2):  # settled twice: counted once
+            if not store.settle_taken_nowait(B, 1, reservation.member, keep):
+                await (store.commit(reservation) if keep else store.refund(reservation))
+    await store.flush()
+    assert await store.usage(B) == 2
+
+
+async def test_a_taken_lease_expires_and_a_late_commit_counts_once(store: Store, clock: FakeClock) -> None:
+    taken = store.take_nowait(B, 2, 2, LEASE)
+    if taken is None:
+        pytest.skip("this store takes nothing in process")
+    clock.advance(LEASE / 1000 + 0.001)
+    assert await store.usage(B) == 0  # the lease was given back
+    for _ in range(2):
+        assert store.settle_taken_nowait(B, 2, taken[2], True)
+    assert await store.usage(B) == 2
+    assert store.take_nowait(B, 1, 2, LEASE) is None  # full: refused, nothing held
     assert await store.usage(B) == 2
 
 

@@ -56,6 +56,11 @@ class Claim(NamedTuple):
     scale: int = 1
 
 
+#: An admission decided in process, as plain values: (used, limit, member, expires_ms), what a
+#: Decision and its Reservation would hold (see Store.take_nowait).
+Taken = tuple[int, int, str, int]
+
+
 class Decision(NamedTuple):
     admitted: bool
     #: Usage of the bucket after this decision (including the reservation when admitted).
@@ -67,6 +72,8 @@ class Decision(NamedTuple):
     def remaining(self) -> int:
         return max(0, self.limit - self.used)
 
+
+_new = tuple.__new__
 
 # Members must be unique across every process sharing a store: a random prefix per process, then
 # a counter (a system call for randomness on every request costs more than the rest of the id).
@@ -96,6 +103,18 @@ def new_id() -> str:
 def new_member(cost: int) -> str:
     """A reservation's lease member: a new id with the cost appended (see Reservation.member)."""
     return member(new_id(), cost)
+
+
+def reservation_of(bucket: Bucket, cost: int, taken: Taken) -> Reservation:
+    """The Reservation that ``take_nowait`` admitted as plain values."""
+    return Reservation(bucket, cost, taken[2], taken[3])
+
+
+def decision_of(bucket: Bucket, cost: int, taken: Taken) -> Decision:
+    """``reserve_nowait``'s answer for what ``take_nowait`` admitted."""
+    used, limit, member, expires_ms = taken
+    # tuple.__new__: half the cost of a named tuple's own constructor.
+    return _new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires_ms))))
 
 
 class BucketUsage(NamedTuple):
@@ -148,6 +167,21 @@ class Store(ABC):
         an open local lease) then costs no coroutine at all.
         """
         return None
+
+    def take_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Taken | None:
+        """``reserve_nowait``'s admission as plain values (no Decision, no Reservation: the two
+        cost more to make than the rest of the decision); None: refused, or not decidable in
+        process (ask ``reserve``, which answers both). Settle it with ``settle_taken_nowait``.
+
+        The engine's path for most requests of a warm project, used when a store defines this pair
+        at least as far down its class hierarchy as ``reserve_nowait`` and ``settle_nowait``.
+        """
+        return None
+
+    def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
+        """``settle_nowait`` of what ``take_nowait`` admitted (its member); False: nothing done,
+        await ``commit`` or ``refund`` of its Reservation (``reservation_of``)."""
+        return False
 
     @abstractmethod
     async def check(self, bucket: Bucket, limit: int, scale: int = 1) -> Decision:

@@ -28,7 +28,7 @@ from cachetools import LRUCache
 
 from ..errors import StoreError
 from ..nowait import nowait_usable
-from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store, new_id
+from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store, Taken, decision_of, new_id
 
 logger = logging.getLogger("quota_middleware.store")
 
@@ -111,6 +111,10 @@ class LeasingStore(Store):
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int = 0,
                        scale: int = 1) -> Decision | None:
         """Admit from the bucket's open block, in process; None when there is none or it falls short."""
+        taken = self.take_nowait(bucket, cost, limit)
+        return None if taken is None else decision_of(bucket, cost, taken)
+
+    def take_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int = 0, scale: int = 1) -> Taken | None:
         block = self._open.get(bucket)
         if block is None:
             return None
@@ -121,9 +125,7 @@ class LeasingStore(Store):
         block.inflight += cost
         member = next(self._members)
         self._lent[member] = (block, cost)
-        # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
-        return tuple.__new__(Decision, (True, block.used_at_grant - available + cost, limit, tuple.__new__(
-            Reservation, (bucket, cost, member, block.reservation.expires_ms))))
+        return block.used_at_grant - available + cost, limit, member, block.reservation.expires_ms
 
     async def _grant(self, bucket: Bucket, size: int, cost: int, limit: int, lease_ms: int,
                      scale: int) -> Decision | None:
@@ -160,10 +162,16 @@ class LeasingStore(Store):
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
         """Settle a reservation taken from a local block (in process); False for the inner store's own."""
-        lent = self._lent.pop(reservation.member, None)
+        if self.settle_taken_nowait(reservation.bucket, reservation.cost, reservation.member, keep):
+            return True
+        return self._inner_settles_nowait and self.inner.settle_nowait(reservation, keep)
+
+    def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
+        """Settle a reservation taken from a local block; False for any other."""
+        lent = self._lent.pop(member, None)
         if lent is None:
-            return self._inner_settles_nowait and self.inner.settle_nowait(reservation, keep)
-        block, cost = lent
+            return False
+        block, cost = lent  # what it took, whatever the caller says
         block.inflight -= cost  # refunded: back to the block's available units
         if keep:
             block.committed += cost

@@ -11,7 +11,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
-from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store
+from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store, Taken, decision_of
 
 _new = tuple.__new__
 
@@ -109,6 +109,12 @@ class MemoryStore(Store):
         return self.reserve_nowait(bucket, cost, limit, lease_ms, scale)
 
     def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
+        taken = self.take_nowait(bucket, cost, limit, lease_ms, scale)
+        if taken is None:  # refused: its usage (expired leases given back) and the limit applied
+            return Decision(False, self._used_now(bucket), self._effective(bucket, limit, scale))
+        return decision_of(bucket, cost, taken)
+
+    def take_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Taken | None:
         if self._overrides:  # most deployments set none: no lookup per request then
             limit = self._effective(bucket, limit, scale)
         now = int(self._clock() * 1000)  # _now_ms, written out: every admission reads it
@@ -117,7 +123,7 @@ class MemoryStore(Store):
         slot = self._slots.get(bucket)
         if slot is None:
             if 0 <= limit < cost:  # refused on its first request (a disabled resource): nothing to keep
-                return Decision(False, 0, limit)
+                return None
             slot = self._slots[bucket] = _Slot()
         used = slot.used + cost
         if 0 <= limit < used:
@@ -125,15 +131,14 @@ class MemoryStore(Store):
             # for them then (and on every read of the usage), not on every admission.
             used = self._purge(bucket, slot, now) + cost
             if limit < used:
-                return Decision(False, used - cost, limit)
+                return None
         # The reservation, here rather than in a method of its own: every admitted request takes one.
         # A member unique in this process is enough: no other process shares the store.
         slot.used = used
         member = next(self._members)
         expires = now + lease_ms
         slot.leases[member] = (expires, cost)
-        # tuple.__new__: half the cost of a named tuple's own constructor, on every request.
-        return _new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires))))
+        return used, limit, member, expires
 
     async def reserve_all(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
         return self.reserve_all_nowait(claims, lease_ms)
@@ -211,15 +216,20 @@ class MemoryStore(Store):
         self.settle_nowait(reservation, True)
 
     async def refund(self, reservation: Reservation) -> None:
-        self._refund(reservation)
+        self.settle_nowait(reservation, False)
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
+        return self.settle_taken_nowait(reservation[0], reservation[1], reservation[2], keep)
+
+    def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
+        slot = self._slots.get(bucket)
         if not keep:
-            self._refund(reservation)
+            if slot is None or slot.leases.pop(member, None) is None:
+                self._expired.pop((bucket, member), None)  # already given back when its lease expired
+            else:
+                slot.used = max(0, slot.used - cost)
             return True
         # The commit, here rather than in a method of its own: it ends every admitted request.
-        bucket, cost, member, _ = reservation
-        slot = self._slots.get(bucket)
         if slot is not None and slot.leases.pop(member, None) is not None:
             slot.commits += cost
         # The lease expired and was given back: the creation happened, so count it again (once).
@@ -234,14 +244,6 @@ class MemoryStore(Store):
         for reservation in reservations:
             settle(reservation, keep)
         return True
-
-    def _refund(self, reservation: Reservation) -> None:
-        bucket, cost, member, _ = reservation
-        slot = self._slots.get(bucket)
-        if slot is None or slot.leases.pop(member, None) is None:
-            self._expired.pop((bucket, member), None)
-            return  # already given back when its lease expired
-        slot.used = max(0, slot.used - cost)
 
     async def release(self, bucket: Bucket, cost: int) -> int:
         slot = self._purged(bucket)
