@@ -13,7 +13,7 @@ the engine's (middleware/engine.py): this module only speaks ASGI.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from . import options
@@ -25,8 +25,8 @@ from .quotas import to_store_units
 from .rendering import Rejection, Renderer, barbican_error
 from .rules import RELEASE_CONFIRMED, Rule, RuleTable
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Decision, Store
-from .types import ASGIApp, Message, Receive, Scope, Send
+from .stores.base import Bucket, Decision, Reservation, Store
+from .types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 
 __all__ = ["Admitted", "QuotaMiddleware"]
 
@@ -40,12 +40,15 @@ class _Watch:
     gone first, and add the RateLimit headers. An object, not closures in ``__call__``: a closure's
     variables would be made on every call of it, guarded or not."""
 
-    __slots__ = ("_receive", "_send", "held", "status", "client_gone")
+    __slots__ = ("_receive", "_send", "held", "render", "status", "client_gone")
 
-    def __init__(self, receive: Receive, send: Send, held: Admitted) -> None:
+    def __init__(self, receive: Receive, send: Send, held: Any,
+                 render: Callable[[Any, bool], RawHeaders | None] | None) -> None:
         self._receive = receive
         self._send = send
         self.held = held
+        #: The RateLimit headers of what is held, kept or not (None: none, an unlimited resource).
+        self.render = render
         self.status = 0
         self.client_gone = False
 
@@ -59,11 +62,10 @@ class _Watch:
         # Not a coroutine of its own: the app awaits the server's send directly.
         if message["type"] == "http.response.start":
             self.status = status = message["status"]
-            # An unlimited resource adds no headers: no work for it. A failed creation is
-            # refunded, so its headers show the usage without it.
-            held = self.held
-            if held.decisions[0].limit >= 0 or len(held.decisions) > 1:
-                headers = held.headers(kept=200 <= status < 300)
+            render = self.render
+            if render is not None:
+                # A failed creation is refunded, so its headers show the usage without it.
+                headers = render(self.held, 200 <= status < 300)
                 if headers:
                     message = {**message, "headers": [*message.get("headers", ()), *headers]}
         return self._send(message)
@@ -92,6 +94,13 @@ class QuotaMiddleware:
         self.rules = RuleTable(rules)
         self.identity = Identity(identity)
         self.renderer = renderer
+        #: Guards whose demands are fixed -> where the engine keeps their plans for take_nowait.
+        self._fast_plans = {}
+        for guard in self.rules.guards():
+            plans = None if guard.demands is None or guard.action != "consume" or guard.shadow \
+                else engine.fast_plans(guard.demands)
+            if plans is not None:
+                self._fast_plans[guard] = plans
 
     @property
     def identity(self) -> Identity:
@@ -148,26 +157,36 @@ class QuotaMiddleware:
         # consume: written out here, not in a coroutine of its own, because every await of the app
         # (and of the server below it) passes through each of our frames.
         engine = self.engine
-        # A warm project on a store that decides in process is admitted without a coroutine.
-        held = engine.admit_nowait(project, demands) \
-            if engine.decides_in_process and not shadow and not engine.shadow else None
-        if held is None:
-            outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow)
-            if outcome is None:  # failing open: uncounted
-                await self.app(scope, receive, send)
-                return
-            if isinstance(outcome, Rejection):
-                await self._reject(send, outcome)
-                return
-            held = outcome
+        # A warm project on a store that decides in process is admitted without a coroutine: in
+        # plain values for a rule's own demands of one bucket (take_nowait), else as an Admitted.
+        plans = self._fast_plans.get(guard)
+        taken = None if plans is None else engine.take_nowait(project, demands, plans)
+        if taken is not None:
+            watch = _Watch(receive, send, taken, None if taken[1][1] < 0 else QuotaEngine.taken_headers)
+            settle: Callable[[Any, bool], Iterable[Reservation]] = engine.settle_taken
+        else:
+            held = engine.admit_nowait(project, demands) \
+                if engine.decides_in_process and not shadow and not engine.shadow else None
+            if held is None:
+                outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow)
+                if outcome is None:  # failing open: uncounted
+                    await self.app(scope, receive, send)
+                    return
+                if isinstance(outcome, Rejection):
+                    await self._reject(send, outcome)
+                    return
+                held = outcome
+            # An unlimited resource adds no headers: no work for it.
+            watch = _Watch(receive, send, held, None if held.decisions[0].limit < 0 and len(held.decisions) == 1
+                           else Admitted.headers)
+            settle = engine.settle_nowait
         # Run the app holding the reservations; keep them only for a 2xx the client was sent.
-        watch = _Watch(receive, send, held)
         keep = False
         try:
             await self.app(scope, watch.receive, watch.send)
             keep = 200 <= watch.status < 300 and not watch.client_gone
         finally:
-            for reservation in engine.settle_nowait(held, keep):
+            for reservation in settle(watch.held, keep):
                 await engine.settle(reservation, keep)
 
     async def _meter(self, scope: Scope, receive: Receive, send: Send, project: str, demand: Demand,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -70,6 +71,10 @@ class QuotaCache:
         self._backoff: LRUCache[str, float] = LRUCache(maxsize=maxsize)
         self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
         self._fetch_nowait = nowait_usable(source, "fetch_nowait", "fetch")
+        #: A source whose answers never change (StaticSource): what fresh() answers holds for good.
+        self._constant = source.constant and nowait_usable(source, "constant", "fetch_nowait", "fetch")
+        #: Called with a project whose quotas in process were just replaced (see fresh_until).
+        self.on_change: Callable[[str], None] = _ignore
 
     def fresh(self, project: str) -> Quotas | None:
         """The project's quotas when they are at hand (no I/O, no coroutine); else None: await get().
@@ -84,6 +89,19 @@ class QuotaCache:
                 self._metrics.cache("hit")
             return entry.quotas
         return None
+
+    def fresh_until(self, project: str) -> float:
+        """Until when ``fresh(project)`` answers with the quotas it answers now, unless
+        ``on_change`` says otherwise first; -inf: it may answer differently at any time (a source
+        read on every decision)."""
+        if not self.source.cacheable:
+            return math.inf if self._constant and self._fetch_nowait else -math.inf
+        entry = self._local.get(project)
+        return -math.inf if entry is None else entry.fresh_until
+
+    def _keep(self, project: str, entry: _Entry) -> None:
+        self._local[project] = entry
+        self.on_change(project)
 
     async def get(self, project: str, headers: Headers) -> Quotas:
         """Effective quotas of ``project``; ``headers`` are the request's, read only on a miss."""
@@ -125,7 +143,7 @@ class QuotaCache:
             now = self._clock()
             shared = await self._read_shared(project)
             if shared is not None and now < shared.fresh_until:
-                self._local[project] = shared
+                self._keep(project, shared)
                 if self._metrics is not None:
                     self._metrics.cache("shared_hit")
                 return shared.quotas
@@ -162,7 +180,7 @@ class QuotaCache:
             raise
         self._observe(started, "ok")
         entry = self._entry(quotas, now)
-        self._local[project] = entry
+        self._keep(project, entry)
         await self._seed(project, quotas, now)
         if self.shared is not None:
             blob = encode_shared(quotas, now)
@@ -258,6 +276,10 @@ class QuotaCache:
         if not self._forward:
             return {}
         return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in self._forward}
+
+
+def _ignore(project: str) -> None:
+    pass
 
 
 def encode_shared(quotas: Quotas, fetched_at: float) -> bytes:

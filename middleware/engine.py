@@ -26,7 +26,7 @@ from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, limit_headers, limit_policy, limit_state
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store
+from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, Taken, reservation_of
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .types import METRICS_METHODS, QuotaMetricsLike, RawHeaders
@@ -152,13 +152,18 @@ class Admitted(NamedTuple):
     def headers(self, kept: bool = True) -> RawHeaders:
         """RateLimit headers for every policy the request met; a refunded request's usage without it."""
         if len(self.charges) == 1:  # one policy: no lists to join
-            charge, decision = self.charges[0], self.decisions[0]
-            if decision.limit < 0:
-                return []
-            policy, state = charge.items(decision.limit, decision.used if kept else decision.used - charge.units,
-                                         charge.bucket.project)
-            return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
+            decision = self.decisions[0]
+            return one_policy_headers(self.charges[0], decision.used, decision.limit, kept)
         return combined_headers(self.charges, self.decisions, refused=not kept)
+
+
+def one_policy_headers(charge: Charge, used: int, limit: int, kept: bool) -> RawHeaders:
+    """RateLimit headers of a request that met one policy (none if unlimited); a refunded
+    request's usage without it."""
+    if limit < 0:
+        return []
+    policy, state = charge.items(limit, used if kept else used - charge.units, charge.bucket.project)
+    return [(b"ratelimit-policy", policy), (b"ratelimit", state)]
 
 
 def _no_answer(*args: Any) -> None:
@@ -219,8 +224,14 @@ class QuotaEngine:
             if nowait_usable(self.store, "reserve_all_nowait", "reserve_all") else _no_answer
         #: The store can decide without I/O (the memory store, local leases): admit_nowait can answer.
         self.decides_in_process = self._reserve_nowait is not _no_answer
+        #: ... and say so in plain values: take_nowait can answer (see Store.take_nowait).
+        self.takes_in_process = self.decides_in_process \
+            and nowait_usable(self.store, "take_nowait", "reserve_nowait", "reserve") \
+            and nowait_usable(self.store, "settle_taken_nowait", "settle_nowait", "commit", "refund")
         self._settle_nowait = self.store.settle_nowait \
             if nowait_usable(self.store, "settle_nowait", "commit", "refund") else _not_settled
+        self._take_nowait = self.store.take_nowait
+        self._settle_taken_nowait = self.store.settle_taken_nowait
         self._settle_all_nowait = self.store.settle_all_nowait \
             if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
@@ -251,6 +262,9 @@ class QuotaEngine:
         self._cache_size = cache_size
         #: (project, parent given, demands) -> the buckets they charge, worked out once (see _Plan).
         self._plans: dict[tuple[str, str | None, tuple[Demand, ...]], _Plan] = {}
+        #: demands -> {project: its plan, armed for take_nowait} (see fast_plans).
+        self._armed: dict[tuple[Demand, ...], dict[str, _Plan]] = {}
+        self.cache.on_change = self._disarm
         data_lost = getattr(metrics, "data_lost", None)
         if callable(data_lost):
             self.store.on_data_loss(data_lost)
@@ -348,6 +362,83 @@ class QuotaEngine:
         if decisions is None or not decisions[0].admitted:  # all or nothing: the first says for all
             return None
         return tuple.__new__(Admitted, (charges, tuple(decisions)))
+
+    def fast_plans(self, demands: tuple[Demand, ...]) -> dict[str, _Plan] | None:
+        """Where ``take_nowait`` keeps the plans of ``demands`` (fixed ones: a rule's) by project;
+        None: this engine's store cannot take in process. Ask once, keep it beside the demands."""
+        if not self.takes_in_process:
+            return None
+        return self._armed.setdefault(demands, {})
+
+    def take_nowait(self, project: str, demands: tuple[Demand, ...],
+                    plans: dict[str, _Plan]) -> Hold | None:
+        """``admit_nowait`` of demands that charge one bucket, in plain values: its plan and what
+        the store took (no Admitted, Decision or Reservation made: they cost more to make than the
+        rest of the decision). ``plans``: ``fast_plans(demands)``.
+        None: ask ``admit_nowait`` or ``admit`` (a refusal, a cold project, several buckets,
+        shadow mode, metrics). Settle with ``settle_taken``.
+
+        A plan checked as admit_nowait checks it serves until the second ends (or sooner: its
+        window ends, its quotas go stale or are replaced): a warm request looks up nothing else."""
+        # Shadow mode changes only refusals, which this leaves to admit(); metrics count in admit().
+        if self.metrics is not None:
+            return None
+        now = self.clock()
+        plan = plans.get(project)
+        if plan is None or not now < plan.armed_until:
+            plan = self._arm(project, demands, plans, now)
+            if plan is None:
+                return None
+        bucket, cost, limit, scale = plan.taking
+        taken = self._take_nowait(bucket, cost, limit, self.lease_ms, scale)
+        return None if taken is None else (plan, taken)
+
+    def _arm(self, project: str, demands: tuple[Demand, ...], plans: dict[str, _Plan], now: float) -> _Plan | None:
+        plan = self._plan_nowait(project, demands, None, now)
+        if plan is None or len(plan.claims) != 1:
+            return None
+        plan.charges(now)
+        if plan.until != INF and plan.second != now // 1:
+            return None  # a window ending mid-second: its charges are made per request
+        until = min(now // 1 + 1, plan.until, self.cache.fresh_until(project))
+        if self._parents is not None:
+            until = min(until, self._parents[project][1])  # _plan_nowait found it, unexpired
+        plan.armed_until = until
+        # A plain tuple: unpacking a named tuple (a Claim) goes the slow way, through an iterator.
+        bucket, cost, limit, scale = plan.claims[0]
+        plan.taking = (bucket, cost, limit, scale)
+        if len(plans) >= self._cache_size:  # bounded, as _plans is
+            plans.clear()
+        plans[project] = plan
+        return plan
+
+    def _disarm(self, project: str) -> None:
+        """The project's quotas in process were replaced: its armed plans are not to be served."""
+        for plans in self._armed.values():
+            plans.pop(project, None)
+
+    def settle_taken(self, held: Hold, keep: bool) -> tuple[Reservation, ...]:
+        """Keep or give back what ``take_nowait`` admitted; returns its Reservation when the store
+        could not settle it in process (await ``settle``), as ``settle_nowait`` does."""
+        plan, taken = held
+        bucket, cost, _, _ = plan.taking
+        try:
+            if self._settle_taken_nowait(bucket, cost, taken[2], keep):
+                return ()
+        except StoreError as exc:  # logged, as settle() does: the lease expires
+            _settle_failed(bucket, exc)
+            return ()
+        return (reservation_of(bucket, cost, taken),)
+
+    @staticmethod
+    def taken_headers(held: Hold, kept: bool) -> RawHeaders | None:
+        """RateLimit headers of what ``take_nowait`` admitted (None: an unlimited resource);
+        a refunded request's usage without it."""
+        plan, (used, limit, _, _) = held
+        if limit < 0:
+            return None
+        # The plan's charge of this second: its t= is the window's seconds left now.
+        return one_policy_headers(plan.made[0] if plan.until == INF else plan.at_second[0], used, limit, kept)
 
     def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
         """``settle_all`` of what the store settles in process or hands over; returns the
@@ -787,6 +878,10 @@ class _Plan:
     #: The windowed charges made last, and the whole second they were made in (see charges).
     second: float = math.nan  # equal to no second
     at_second: tuple[Charge, ...] = ()
+    #: Until when take_nowait serves the plan without checking it again (see QuotaEngine._arm).
+    armed_until: float = -INF
+    #: Its one claim, what take_nowait takes: (bucket, cost, limit, scale).
+    taking: tuple[Bucket, int, int, int] = (Bucket("", ""), 0, 0, 1)  # set when armed
 
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == INF:  # count quotas only: the same charges for every request
@@ -802,6 +897,10 @@ class _Plan:
         if all(c.bucket.window is None or c.bucket.window.end % 1 == 0 for c in made):
             self.second, self.at_second = second, made
         return made
+
+
+#: What take_nowait admitted: the plan (its one claim) and what the store took for it.
+Hold = tuple[_Plan, Taken]
 
 
 class _CountUnlimited:

@@ -293,6 +293,13 @@ class RuleTable:
                     if found is not None:
                         self._exact.setdefault(rule.method, {})[path] = found
 
+    def guards(self) -> list[Guard]:
+        """Every Guard that ``guard`` answers with for good (one made per request, for a templated
+        path several rules match, is not among them)."""
+        found = [guard for entry in self._table.values() for guard in entry[2]]
+        found += [guard for exact in self._exact.values() for guard in exact.values()]
+        return list({id(guard): guard for guard in found}.values())
+
     def match(self, method: str, path: str) -> tuple[Rule, ...]:
         """The rules that apply to ``method path``, in their order (empty: an unguarded request)."""
         guard = self.guard({"method": method, "path": path})

@@ -28,6 +28,10 @@ class QuotaSource(ABC):
     forward_headers: tuple[str, ...] = ()
     #: False for sources that answer from memory: caching them gains nothing.
     cacheable: bool = True
+    #: True for a source that answers each project with the same Quotas for good, from memory
+    #: (StaticSource): the engine keeps what it works out from them (a subclass that overrides
+    #: ``fetch_nowait`` is not taken for one unless it says so again).
+    constant: bool = False
 
     @abstractmethod
     async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:

@@ -16,6 +16,7 @@ from .base import QuotaSource
 class StaticSource(QuotaSource):
     namespace = "static"
     cacheable = False
+    constant = True  # its Quotas are made once, in __init__
 
     def __init__(self, limits: Mapping[str, int | Limit], *,
                  projects: Mapping[str, Mapping[str, int | Limit]] | None = None) -> None:

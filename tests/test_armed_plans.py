@@ -1,0 +1,140 @@
+"""A warm request's path (QuotaEngine.take_nowait): a plan checked once is served until the second
+ends, and sooner when anything it was made from changes. Every change must still apply to the
+very next request, as it did when each request looked everything up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from middleware import Limit, MemoryStore, QuotaMiddleware, Quotas, QuotaSource, Rule, StaticSource, Window
+from middleware.stores.base import Bucket, Decision, Taken
+from middleware.testing import QuotaFixture
+from tests.conftest import FakeClock
+from tests.test_middleware import HEADERS, client_for, inner_app
+
+pytestmark = pytest.mark.anyio
+
+RULES = [Rule("POST", "/things", "things")]
+
+
+class Upstream(QuotaSource):
+    """A cached source whose limits the test changes, counting its fetches."""
+
+    def __init__(self, limits: dict[str, dict[str, int]]) -> None:
+        self.limits = limits
+        self.fetches = 0
+
+    async def fetch(self, project: str, headers: Mapping[str, str]) -> Quotas:
+        self.fetches += 1
+        return Quotas({name: Limit(value) for name, value in self.limits[project].items()})
+
+
+class CountingStore(MemoryStore):
+    """Counts admissions asked the long way (reserve_nowait, which takes in turn) and all takes."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.asked = 0
+        self.taken = 0
+
+    def reserve_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Decision:
+        self.asked += 1
+        return super().reserve_nowait(bucket, cost, limit, lease_ms, scale)
+
+    def take_nowait(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Taken | None:
+        self.taken += 1
+        return super().take_nowait(bucket, cost, limit, lease_ms, scale)
+
+
+async def statuses(mw: QuotaMiddleware, n: int, project: str = "p") -> list[int]:
+    async with client_for(mw) as client:
+        return [(await client.post("/things", headers={**HEADERS, "X-Project-Id": project})).status_code
+                for _ in range(n)]
+
+
+async def test_warm_requests_are_taken_in_plain_values_and_count_exactly(clock: FakeClock) -> None:
+    store = CountingStore(clock=clock)
+    mw = QuotaMiddleware(inner_app(), rules=[*RULES, Rule("POST", "/fail", "things")], store=store, clock=clock,
+                         source=Upstream({"p": {"things": 3}}))
+    async with client_for(mw) as client:
+        responses = [await client.post("/things", headers=HEADERS) for _ in range(3)]
+        # The first request of a project awaits its quotas and is decided the long way; the
+        # next ones are taken.
+        assert (store.asked, store.taken - store.asked) == (1, 2)
+        responses.append(await client.post("/things", headers=HEADERS))
+        responses.append(await client.post("/fail", headers=HEADERS))
+    assert [r.status_code for r in responses] == [201, 201, 201, 403, 403]
+    assert [r.headers.get("ratelimit") for r in responses[:3]] == [
+        '"things";r=2', '"things";r=1', '"things";r=0']
+    assert await store.usage(Bucket("p", "things")) == 3
+
+
+async def test_a_failed_creation_taken_is_given_back_with_its_headers(clock: FakeClock) -> None:
+    mw = QuotaMiddleware(inner_app(), rules=[*RULES, Rule("POST", "/fail", "things")],
+                         source=StaticSource({"things": 3}), clock=clock)
+    async with client_for(mw) as client:
+        created = await client.post("/things", headers=HEADERS)
+        failed = [await client.post("/fail", headers=HEADERS) for _ in range(2)]
+    assert created.headers["ratelimit"] == '"things";r=2'
+    assert [(r.status_code, r.headers["ratelimit"]) for r in failed] == [(409, '"things";r=2')] * 2
+    assert await mw.store.usage(Bucket("p", "things")) == 1
+
+
+async def test_quotas_going_stale_within_a_second_are_fetched_again(clock: FakeClock) -> None:
+    clock.now = 1_800_000_000.0  # a whole second: the plan is armed until .999..., or its quotas' TTL
+    upstream = Upstream({"p": {"things": 5}})
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=upstream, cache_ttl=0.5, cache_jitter=0, clock=clock)
+    assert await statuses(mw, 2) == [201, 201]
+    upstream.limits["p"]["things"] = 2
+    clock.advance(0.6)  # the same second, past the TTL
+    assert await statuses(mw, 1) == [403]
+    assert upstream.fetches == 2
+
+
+async def test_quotas_replaced_by_another_path_apply_to_the_next_request(clock: FakeClock) -> None:
+    # An armed plan outlives its quotas' place in the cache (evicted by another project); quotas
+    # fetched again meanwhile (here by engine.usage) must disarm it.
+    upstream = Upstream({"p": {"things": 5}, "q": {"things": 5}})
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=upstream, cache_size=1, clock=clock)
+    assert await statuses(mw, 2) == [201, 201]
+    assert await statuses(mw, 1, project="q") == [201]  # evicts p's quotas
+    upstream.limits["p"]["things"] = 2
+    assert (await mw.engine.usage("p"))["things"]["limit"] == 2
+    assert await statuses(mw, 1) == [403]
+
+
+async def test_a_changed_fixture_applies_to_the_next_request(clock: FakeClock) -> None:
+    # FixtureSource is read on every decision: never armed.
+    fixture = QuotaFixture({"things": 5}, clock=clock)
+    mw = fixture.middleware(inner_app(), RULES)
+    assert await statuses(mw, 2) == [201, 201]
+    fixture.set_quota("p", "things", 2)
+    assert await statuses(mw, 1) == [403]
+
+
+async def test_a_parent_found_after_the_plan_was_armed_applies_within_the_second(clock: FakeClock) -> None:
+    clock.now = 1_800_000_000.0
+    parents: dict[str, str | None] = {"p": None}
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=StaticSource({"things": 5}, projects={"org": {"things": 0}}),
+                         parent=parents.get, cache_ttl=0.3, clock=clock)
+    assert await statuses(mw, 2) == [201, 201]
+    parents["p"] = "org"
+    clock.advance(0.5)  # the same second, past the parent's TTL
+    assert await statuses(mw, 1) == [403]
+
+
+async def test_a_window_ending_mid_second_is_planned_per_request(clock: FakeClock) -> None:
+    # Its t= changes within a second: nothing armed, the window's end still exact.
+    clock.now = 1_800_000_000.25
+    period = Window(clock.now - 10, clock.now + 1.5)  # ends at .75
+    mw = QuotaMiddleware(inner_app(), rules=RULES, clock=clock,
+                         source=StaticSource({"things": Limit(10, period=period)}))
+    async with client_for(mw) as client:
+        first = await client.post("/things", headers=HEADERS)
+        clock.advance(0.6)  # .85 of the same second: 0.9 s left
+        second = await client.post("/things", headers=HEADERS)
+    assert first.headers["ratelimit"] == '"things";r=9;t=2'
+    assert second.headers["ratelimit"] == '"things";r=8;t=1'
