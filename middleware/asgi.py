@@ -140,7 +140,7 @@ class QuotaMiddleware:
         shadow = guard.shadow
         try:
             project = self._project_of(scope)
-            demands = guard.demands_for(scope)
+            demands = guard.demands or guard.demands_for(scope)  # a rule's own, or computed
         except RequestError as exc:
             if self.engine.shadow or shadow:  # nothing to count without a project; let it through
                 logger.info(SHADOW_PASSED, scope["method"], scope["path"], exc)

@@ -312,7 +312,8 @@ class RuleTable:
         exact = self._exact.get(method)
         if exact is None and method not in self._table:
             return None
-        path = route_path(scope)
+        # route_path(scope), its common case written out: mounted at the root.
+        path = scope["path"] if not scope.get("root_path") else route_path(scope)
         if exact is not None:
             guard = exact.get(path)
             if guard is not None:
