@@ -94,13 +94,9 @@ class QuotaMiddleware:
         self.rules = RuleTable(rules)
         self.identity = Identity(identity)
         self.renderer = renderer
-        #: Guards whose demands are fixed -> where the engine keeps their plans for take_nowait.
-        self._fast_plans = {}
-        for guard in self.rules.guards():
-            plans = None if guard.demands is None or guard.action != "consume" or guard.shadow \
-                else engine.fast_plans(guard.demands)
-            if plans is not None:
-                self._fast_plans[guard] = plans
+        #: Guards whose demands are fixed (a rule's) -> where the engine keeps their plans, armed.
+        self._fast_plans = {guard: engine.fast_plans(guard.demands) for guard in self.rules.guards()
+                            if guard.demands is not None and guard.action == "consume"}
 
     @property
     def identity(self) -> Identity:
@@ -159,7 +155,7 @@ class QuotaMiddleware:
         engine = self.engine
         # A warm project on a store that decides in process is admitted without a coroutine: in
         # plain values for a rule's own demands of one bucket (take_nowait), else as an Admitted.
-        plans = self._fast_plans.get(guard)
+        plans = self._fast_plans.get(guard)  # None: demands computed per request
         taken = None if plans is None else engine.take_nowait(project, demands, plans)
         if taken is not None:
             watch = _Watch(receive, send, taken, None if taken[1][1] < 0 else QuotaEngine.taken_headers)
@@ -168,7 +164,7 @@ class QuotaMiddleware:
             held = engine.admit_nowait(project, demands) \
                 if engine.decides_in_process and not shadow and not engine.shadow else None
             if held is None:
-                outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow)
+                outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow, plans=plans)
                 if outcome is None:  # failing open: uncounted
                     await self.app(scope, receive, send)
                     return

@@ -272,8 +272,8 @@ class QuotaEngine:
     # -- deciding -------------------------------------------------------------------------------
 
     def admit(self, project: str, *demands: Demand, headers: RawHeaders = [],  # noqa: B006 - never mutated
-              action: Action = "consume", shadow: bool = False,
-              parent: str | None = None) -> Awaitable[Admitted | Rejection | None]:
+              action: Action = "consume", shadow: bool = False, parent: str | None = None,
+              plans: dict[str, _Plan] | None = None) -> Awaitable[Admitted | Rejection | None]:
         """Decide the demands of ``project`` before the work they pay for is done, all or nothing.
 
         Returns what was admitted (holding reservations, for ``consume``: settle them), the
@@ -282,6 +282,7 @@ class QuotaEngine:
         source needs the caller's credential. ``shadow`` (or the engine's own) decides and counts
         but never refuses. ``parent``: the project's parent, when the request says (else the
         engine's ``parent`` function or the source's): every demand is charged there too.
+        ``plans``: ``fast_plans(demands)``, for demands that are always the same (a rule's).
         """
         # Not a coroutine itself: the caller awaits the one that decides, no frame of ours between.
         shadow = shadow or self.shadow
@@ -289,7 +290,8 @@ class QuotaEngine:
             return self._traced(project, demands, headers, action, shadow, parent)
         if len(demands) != 1 or parent is not None or self._parents is not None:
             return self._admit_all(project, demands, headers, action, shadow, parent)
-        return self._admit_one(project, demands, headers, action, shadow)
+        return self._admit_one(project, demands, headers, action, shadow,
+                               None if self.metrics is not None else plans)  # metrics count cache hits
 
     async def _traced(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders, action: Action,
                       shadow: bool, parent: str | None) -> Admitted | Rejection | None:
@@ -301,12 +303,17 @@ class QuotaEngine:
             return await self._admit_one(project, demands, headers, action, shadow)
 
     async def _admit_one(self, project: str, demands: tuple[Demand], headers: RawHeaders, action: Action,
-                         shadow: bool) -> Admitted | Rejection | None:
+                         shadow: bool, plans: dict[str, _Plan] | None = None) -> Admitted | Rejection | None:
         """One demand, one bucket: the common case, decided without building a claim list."""
         resource = demands[0].resource
         now = self.clock()
         try:
-            plan = self._plan_nowait(project, demands, None, now)  # a warm project: no coroutine
+            if plans is None:
+                plan = self._plan_nowait(project, demands, None, now)  # a warm project: no coroutine
+            else:  # a rule's demands: the plan armed for them, or arm it
+                plan = plans.get(project)
+                if plan is None or not now < plan.armed_until:
+                    plan = self._arm(project, demands, plans, now)
             if plan is None:
                 plan = await self._plan(project, demands, headers, None)
                 now = self.clock()
@@ -363,50 +370,54 @@ class QuotaEngine:
             return None
         return tuple.__new__(Admitted, (charges, tuple(decisions)))
 
-    def fast_plans(self, demands: tuple[Demand, ...]) -> dict[str, _Plan] | None:
-        """Where ``take_nowait`` keeps the plans of ``demands`` (fixed ones: a rule's) by project;
-        None: this engine's store cannot take in process. Ask once, keep it beside the demands."""
-        if not self.takes_in_process:
-            return None
+    def fast_plans(self, demands: tuple[Demand, ...]) -> dict[str, _Plan]:
+        """Where the plans of ``demands`` (fixed ones: a rule's) are kept by project, armed (see
+        take_nowait): for ``take_nowait`` and ``admit(..., plans=)``. Ask once, keep it beside
+        the demands."""
         return self._armed.setdefault(demands, {})
 
     def take_nowait(self, project: str, demands: tuple[Demand, ...],
                     plans: dict[str, _Plan]) -> Hold | None:
         """``admit_nowait`` of demands that charge one bucket, in plain values: its plan and what
         the store took (no Admitted, Decision or Reservation made: they cost more to make than the
-        rest of the decision). ``plans``: ``fast_plans(demands)``.
-        None: ask ``admit_nowait`` or ``admit`` (a refusal, a cold project, several buckets,
-        shadow mode, metrics). Settle with ``settle_taken``.
+        rest of the decision). ``plans``: ``fast_plans(demands)``. None: ask ``admit_nowait`` or
+        ``admit`` (a store that cannot take in process, a refusal, a cold project, several
+        buckets, metrics). Settle with ``settle_taken``.
 
-        A plan checked as admit_nowait checks it serves until the second ends (or sooner: its
-        window ends, its quotas go stale or are replaced): a warm request looks up nothing else."""
+        A plan checked as admit_nowait checks it is *armed*: served until the second ends (or
+        sooner: its window ends, its quotas go stale or are replaced) without looking anything
+        else up."""
         # Shadow mode changes only refusals, which this leaves to admit(); metrics count in admit().
-        if self.metrics is not None:
+        if not self.takes_in_process or self.metrics is not None:
             return None
         now = self.clock()
         plan = plans.get(project)
         if plan is None or not now < plan.armed_until:
             plan = self._arm(project, demands, plans, now)
-            if plan is None:
+            if plan is None or not now < plan.armed_until:
                 return None
         bucket, cost, limit, scale = plan.taking
         taken = self._take_nowait(bucket, cost, limit, self.lease_ms, scale)
         return None if taken is None else (plan, taken)
 
     def _arm(self, project: str, demands: tuple[Demand, ...], plans: dict[str, _Plan], now: float) -> _Plan | None:
+        """The plan of the demands, checked now as _plan_nowait checks it (None: not at hand); kept
+        in ``plans``, armed when its one bucket's charge holds for the rest of the second (a
+        window ending mid-second has its charges made per request)."""
         plan = self._plan_nowait(project, demands, None, now)
-        if plan is None or len(plan.claims) != 1:
+        if plan is None:
             return None
-        plan.charges(now)
-        if plan.until != INF and plan.second != now // 1:
-            return None  # a window ending mid-second: its charges are made per request
-        until = min(now // 1 + 1, plan.until, self.cache.fresh_until(project))
-        if self._parents is not None:
-            until = min(until, self._parents[project][1])  # _plan_nowait found it, unexpired
-        plan.armed_until = until
-        # A plain tuple: unpacking a named tuple (a Claim) goes the slow way, through an iterator.
-        bucket, cost, limit, scale = plan.claims[0]
-        plan.taking = (bucket, cost, limit, scale)
+        plan.armed_until = -INF
+        if len(plan.claims) == 1:
+            plan.charges(now)
+            if plan.until == INF or plan.second == now // 1:
+                until = min(now // 1 + 1, plan.until, self.cache.fresh_until(project))
+                if self._parents is not None:
+                    until = min(until, self._parents[project][1])  # _plan_nowait found it, unexpired
+                plan.armed_until = until
+                # A plain tuple: unpacking a named tuple (a Claim) goes the slow way, through an iterator.
+                bucket, cost, limit, scale = plan.claims[0]
+                plan.taking = (bucket, cost, limit, scale)
         if len(plans) >= self._cache_size:  # bounded, as _plans is
             plans.clear()
         plans[project] = plan
