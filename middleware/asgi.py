@@ -161,7 +161,7 @@ class QuotaMiddleware:
             watch = _Watch(receive, send, taken, None if taken[1][1] < 0 else QuotaEngine.taken_headers)
             settle: Callable[[Any, bool], Iterable[Reservation]] = engine.settle_taken
         else:
-            held = engine.admit_nowait(project, demands) \
+            held = engine.admit_nowait(project, demands, plans) \
                 if engine.decides_in_process and not shadow and not engine.shadow else None
             if held is None:
                 outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow, plans=plans)

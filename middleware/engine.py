@@ -264,6 +264,8 @@ class QuotaEngine:
         self._plans: dict[tuple[str, str | None, tuple[Demand, ...]], _Plan] = {}
         #: demands -> {project: its plan, armed for take_nowait} (see fast_plans).
         self._armed: dict[tuple[Demand, ...], dict[str, _Plan]] = {}
+        #: parent -> the projects whose armed plans charge it (disarmed with it).
+        self._children: dict[str, set[str]] = {}
         self.cache.on_change = self._disarm
         data_lost = getattr(metrics, "data_lost", None)
         if callable(data_lost):
@@ -288,10 +290,11 @@ class QuotaEngine:
         shadow = shadow or self.shadow
         if self._trace is not None:
             return self._traced(project, demands, headers, action, shadow, parent)
+        if self.metrics is not None or parent is not None:
+            plans = None  # metrics count cache hits; the plans are those of no parent given
         if len(demands) != 1 or parent is not None or self._parents is not None:
-            return self._admit_all(project, demands, headers, action, shadow, parent)
-        return self._admit_one(project, demands, headers, action, shadow,
-                               None if self.metrics is not None else plans)  # metrics count cache hits
+            return self._admit_all(project, demands, headers, action, shadow, parent, plans)
+        return self._admit_one(project, demands, headers, action, shadow, plans)
 
     async def _traced(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders, action: Action,
                       shadow: bool, parent: str | None) -> Admitted | Rejection | None:
@@ -308,12 +311,9 @@ class QuotaEngine:
         resource = demands[0].resource
         now = self.clock()
         try:
-            if plans is None:
-                plan = self._plan_nowait(project, demands, None, now)  # a warm project: no coroutine
-            else:  # a rule's demands: the plan armed for them, or arm it
-                plan = plans.get(project)
-                if plan is None or not now < plan.armed_until:
-                    plan = self._arm(project, demands, plans, now)
+            # A warm project: no coroutine. A rule's demands: the plan armed for them.
+            plan = self._plan_nowait(project, demands, None, now) if plans is None \
+                else self._armed_plan(project, demands, plans, now)
             if plan is None:
                 plan = await self._plan(project, demands, headers, None)
                 now = self.clock()
@@ -344,17 +344,20 @@ class QuotaEngine:
             self.metrics.admitted(resource, project, decision.used, decision.limit)
         return tuple.__new__(Admitted, (charges, (decision,)))
 
-    def admit_nowait(self, project: str, demands: tuple[Demand, ...]) -> Admitted | None:
+    def admit_nowait(self, project: str, demands: tuple[Demand, ...],
+                     plans: dict[str, _Plan] | None = None) -> Admitted | None:
         """``admit`` of consume demands when everything is at hand: the quotas (and any parent)
         fresh in process, and a store that decides in process (the memory store, an open local
         lease). Only an admission is answered here; None: await ``admit`` (which also decides
-        refusals, failures and shadow mode). No coroutine, no I/O: most requests of a warm project."""
+        refusals, failures and shadow mode). No coroutine, no I/O: most requests of a warm project.
+        ``plans``: ``fast_plans(demands)``, for demands that are always the same (a rule's)."""
         if not self.decides_in_process or self.metrics is not None:
             # A store that needs I/O would make admit() look everything up again; with metrics, a
             # refusal would count its cache lookup twice.
             return None
         now = self.clock()
-        plan = self._plan_nowait(project, demands, None, now)
+        plan = self._plan_nowait(project, demands, None, now) if plans is None \
+            else self._armed_plan(project, demands, plans, now)
         if plan is None:
             return None
         charges = plan.charges(now)
@@ -393,46 +396,67 @@ class QuotaEngine:
         now = self.clock()
         plan = plans.get(project)
         if plan is None or not now < plan.armed_until:
-            plan = self._arm(project, demands, plans, now)
-            if plan is None or not now < plan.armed_until:
+            plan = self._arm(project, demands, plans, now)  # checked now: good for this request
+            if plan is None:
                 return None
-        bucket, cost, limit, scale = plan.taking
+        taking = plan.taking
+        if taking is None:  # several buckets, or a charge made per request
+            return None
+        bucket, cost, limit, scale = taking
         taken = self._take_nowait(bucket, cost, limit, self.lease_ms, scale)
         return None if taken is None else (plan, taken)
 
+    def _armed_plan(self, project: str, demands: tuple[Demand, ...], plans: dict[str, _Plan],
+                    now: float) -> _Plan | None:
+        """The plan of the demands from ``plans`` while it is armed, else checked now (``_arm``)."""
+        plan = plans.get(project)
+        if plan is None or not now < plan.armed_until:
+            return self._arm(project, demands, plans, now)
+        return plan
+
     def _arm(self, project: str, demands: tuple[Demand, ...], plans: dict[str, _Plan], now: float) -> _Plan | None:
         """The plan of the demands, checked now as _plan_nowait checks it (None: not at hand); kept
-        in ``plans``, armed when its one bucket's charge holds for the rest of the second (a
-        window ending mid-second has its charges made per request)."""
+        in ``plans`` and armed: served without checking until the second ends, or sooner (its
+        windows end, its quotas or its parent's go stale, the parent's TTL ends; quotas replaced
+        in process disarm it at once, see _disarm)."""
         plan = self._plan_nowait(project, demands, None, now)
         if plan is None:
             return None
-        plan.armed_until = -INF
-        if len(plan.claims) == 1:
-            plan.charges(now)
-            if plan.until == INF or plan.second == now // 1:
-                until = min(now // 1 + 1, plan.until, self.cache.fresh_until(project))
-                if self._parents is not None:
-                    until = min(until, self._parents[project][1])  # _plan_nowait found it, unexpired
-                plan.armed_until = until
-                # A plain tuple: unpacking a named tuple (a Claim) goes the slow way, through an iterator.
-                bucket, cost, limit, scale = plan.claims[0]
-                plan.taking = (bucket, cost, limit, scale)
+        plan.charges(now)
+        until = min(now // 1 + 1, plan.until, self.cache.fresh_until(project))
+        if self._parents is not None:
+            until = min(until, self._parents[project][1])  # _plan_nowait found it, unexpired
+            if plan.parent is not None:
+                until = min(until, self.cache.fresh_until(plan.parent))
+                if len(self._children) >= self._cache_size:
+                    self._children.clear()
+                self._children.setdefault(plan.parent, set()).add(project)
+        plan.armed_until = until
+        plan.taking = None
+        # Taken in plain values (take_nowait): one bucket, its charge good for the rest of the second
+        # (a window ending mid-second has its charges made per request).
+        if len(plan.claims) == 1 and (plan.until == INF or plan.second == now // 1):
+            # A plain tuple: unpacking a named tuple (a Claim) goes the slow way, through an iterator.
+            bucket, cost, limit, scale = plan.claims[0]
+            plan.taking = (bucket, cost, limit, scale)
         if len(plans) >= self._cache_size:  # bounded, as _plans is
             plans.clear()
         plans[project] = plan
         return plan
 
     def _disarm(self, project: str) -> None:
-        """The project's quotas in process were replaced: its armed plans are not to be served."""
+        """The project's quotas in process were replaced: its armed plans, and those of the projects
+        it is the parent of, are not to be served."""
+        projects = {project, *self._children.pop(project, ())}
         for plans in self._armed.values():
-            plans.pop(project, None)
+            for each in projects:
+                plans.pop(each, None)
 
     def settle_taken(self, held: Hold, keep: bool) -> tuple[Reservation, ...]:
         """Keep or give back what ``take_nowait`` admitted; returns its Reservation when the store
         could not settle it in process (await ``settle``), as ``settle_nowait`` does."""
         plan, taken = held
-        bucket, cost, _, _ = plan.taking
+        bucket, cost, _, _ = plan.taking  # type: ignore[misc]  # a plan taken from has one
         try:
             if self._settle_taken_nowait(bucket, cost, taken[2], keep):
                 return ()
@@ -483,7 +507,8 @@ class QuotaEngine:
         return left
 
     async def _admit_all(self, project: str, demands: tuple[Demand, ...], headers: RawHeaders, action: Action,
-                         shadow: bool, parent: str | None) -> Admitted | Rejection | None:
+                         shadow: bool, parent: str | None,
+                         plans: dict[str, _Plan] | None = None) -> Admitted | Rejection | None:
         """Several demands, or a hierarchy: every bucket reserved in one atomic step, or none."""
         if not demands:
             raise ValueError("admit() needs at least one Demand")
@@ -492,7 +517,8 @@ class QuotaEngine:
         resource = demands[0].resource
         now = self.clock()
         try:
-            plan = self._plan_nowait(project, demands, parent, now)
+            plan = self._plan_nowait(project, demands, parent, now) if plans is None \
+                else self._armed_plan(project, demands, plans, now)
             if plan is None:
                 plan = await self._plan(project, demands, headers, parent)
                 now = self.clock()
@@ -891,8 +917,8 @@ class _Plan:
     at_second: tuple[Charge, ...] = ()
     #: Until when take_nowait serves the plan without checking it again (see QuotaEngine._arm).
     armed_until: float = -INF
-    #: Its one claim, what take_nowait takes: (bucket, cost, limit, scale).
-    taking: tuple[Bucket, int, int, int] = (Bucket("", ""), 0, 0, 1)  # set when armed
+    #: Its one claim, what take_nowait takes: (bucket, cost, limit, scale); None: not taken.
+    taking: tuple[Bucket, int, int, int] | None = None
 
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == INF:  # count quotas only: the same charges for every request

@@ -138,3 +138,30 @@ async def test_a_window_ending_mid_second_is_planned_per_request(clock: FakeCloc
         second = await client.post("/things", headers=HEADERS)
     assert first.headers["ratelimit"] == '"things";r=9;t=2'
     assert second.headers["ratelimit"] == '"things";r=8;t=1'
+
+
+async def test_a_parents_quotas_replaced_apply_to_its_childrens_next_request(clock: FakeClock) -> None:
+    # A child's armed plan charges its parent too: the parent's quotas fetched again (here by
+    # engine.usage, after another project evicted them) must disarm it.
+    upstream = Upstream({"p": {"things": 5}, "org": {"things": 5}, "q": {"things": 5}, "r": {"things": 5}})
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=upstream, parent={"p": "org"}.get, cache_size=2,
+                         clock=clock)
+    assert await statuses(mw, 2) == [201, 201]  # the second is decided on the plan it arms
+    for other in ("q", "r"):  # their quotas evict p's and the parent's
+        assert await statuses(mw, 1, project=other) == [201]
+    upstream.limits["org"]["things"] = 2
+    assert (await mw.engine.usage("org"))["things"]["limit"] == 2
+    assert await statuses(mw, 1) == [403]
+
+
+async def test_a_parents_quotas_going_stale_first_bound_the_childs_plan(clock: FakeClock) -> None:
+    clock.now = 1_800_000_000.0
+    upstream = Upstream({"p": {"things": 5}, "org": {"things": 5}})
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=upstream, parent={"p": "org"}.get, clock=clock,
+                         cache_ttl=0.5, cache_jitter=0)
+    assert await statuses(mw, 1, project="org") == [201]  # the parent's quotas: fresh until .5
+    clock.advance(0.3)
+    assert await statuses(mw, 2) == [201, 201]  # the child's: fresh until .8; its plan armed until .5
+    upstream.limits["org"]["things"] = 3
+    clock.advance(0.3)  # .6: the parent's quotas are stale, the child's are not
+    assert await statuses(mw, 1) == [403]
