@@ -158,7 +158,10 @@ class QuotaMiddleware:
         plans = self._fast_plans.get(guard)  # None: demands computed per request
         taken = None if plans is None else engine.take_nowait(project, demands, plans)
         if taken is not None:
-            watch = _Watch(receive, send, taken, None if taken[1][1] < 0 else QuotaEngine.taken_headers)
+            # An unlimited resource adds no headers: no work for it.
+            plan, took = taken
+            watch = _Watch(receive, send, taken, None if plan.taking is not None and took[1] < 0
+                           else QuotaEngine.taken_headers)
             settle: Callable[[Any, bool], Iterable[Reservation]] = engine.settle_taken
         else:
             held = engine.admit_nowait(project, demands, plans) \

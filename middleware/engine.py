@@ -26,7 +26,7 @@ from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, limit_headers, limit_policy, limit_state
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, Taken, reservation_of
+from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, reservation_of
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .types import METRICS_METHODS, QuotaMetricsLike, RawHeaders
@@ -231,6 +231,9 @@ class QuotaEngine:
         self._settle_nowait = self.store.settle_nowait \
             if nowait_usable(self.store, "settle_nowait", "commit", "refund") else _not_settled
         self._take_nowait = self.store.take_nowait
+        #: A group of buckets taken in process too (the memory store): None if not.
+        self._take_all_nowait = self.store.take_all_nowait if self.takes_in_process \
+            and nowait_usable(self.store, "take_all_nowait", "reserve_all_nowait", "reserve_all") else None
         self._settle_taken_nowait = self.store.settle_taken_nowait
         self._settle_all_nowait = self.store.settle_all_nowait \
             if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
@@ -400,11 +403,14 @@ class QuotaEngine:
             if plan is None:
                 return None
         taking = plan.taking
-        if taking is None:  # several buckets, or a charge made per request
+        if taking is not None:
+            bucket, cost, limit, scale = taking
+            taken = self._take_nowait(bucket, cost, limit, self.lease_ms, scale)
+            return None if taken is None else (plan, taken)
+        if plan.taking_all is None or self._take_all_nowait is None:  # a charge made per request
             return None
-        bucket, cost, limit, scale = taking
-        taken = self._take_nowait(bucket, cost, limit, self.lease_ms, scale)
-        return None if taken is None else (plan, taken)
+        group = self._take_all_nowait(plan.taking_all, self.lease_ms)
+        return None if group is None else (plan, group)
 
     def _armed_plan(self, project: str, demands: tuple[Demand, ...], plans: dict[str, _Plan],
                     now: float) -> _Plan | None:
@@ -432,13 +438,16 @@ class QuotaEngine:
                     self._children.clear()
                 self._children.setdefault(plan.parent, set()).add(project)
         plan.armed_until = until
-        plan.taking = None
-        # Taken in plain values (take_nowait): one bucket, its charge good for the rest of the second
-        # (a window ending mid-second has its charges made per request).
-        if len(plan.claims) == 1 and (plan.until == INF or plan.second == now // 1):
-            # A plain tuple: unpacking a named tuple (a Claim) goes the slow way, through an iterator.
-            bucket, cost, limit, scale = plan.claims[0]
-            plan.taking = (bucket, cost, limit, scale)
+        plan.taking = plan.taking_all = None
+        # Taken in plain values (take_nowait) when its charges hold for the rest of the second (a
+        # window ending mid-second has its charges made per request). Plain tuples: unpacking a
+        # named tuple (a Claim) goes the slow way, through an iterator.
+        if plan.until == INF or plan.second == now // 1:
+            claims = [(bucket, cost, limit, scale) for bucket, cost, limit, scale in plan.claims]
+            if len(claims) == 1:
+                plan.taking = claims[0]
+            else:
+                plan.taking_all = tuple(claims)
         if len(plans) >= self._cache_size:  # bounded, as _plans is
             plans.clear()
         plans[project] = plan
@@ -453,27 +462,38 @@ class QuotaEngine:
                 plans.pop(each, None)
 
     def settle_taken(self, held: Hold, keep: bool) -> tuple[Reservation, ...]:
-        """Keep or give back what ``take_nowait`` admitted; returns its Reservation when the store
-        could not settle it in process (await ``settle``), as ``settle_nowait`` does."""
-        plan, taken = held
-        bucket, cost, _, _ = plan.taking  # type: ignore[misc]  # a plan taken from has one
-        try:
-            if self._settle_taken_nowait(bucket, cost, taken[2], keep):
+        """Keep or give back what ``take_nowait`` admitted; returns the Reservations the store
+        could not settle in process (await ``settle`` for each), as ``settle_nowait`` does."""
+        plan, taken = held  # one Taken, or a list of them (see Hold)
+        if plan.taking is not None:  # one bucket
+            bucket, cost, _, _ = plan.taking
+            try:
+                if self._settle_taken_nowait(bucket, cost, taken[2], keep):
+                    return ()
+            except StoreError as exc:  # logged, as settle() does: the lease expires
+                _settle_failed(bucket, exc)
                 return ()
-        except StoreError as exc:  # logged, as settle() does: the lease expires
-            _settle_failed(bucket, exc)
-            return ()
-        return (reservation_of(bucket, cost, taken),)
+            return (reservation_of(bucket, cost, taken),)
+        left: tuple[Reservation, ...] = ()
+        for (bucket, cost, _, _), each in zip(plan.taking_all or (), taken, strict=True):
+            try:
+                if not self._settle_taken_nowait(bucket, cost, each[2], keep):
+                    left += (reservation_of(bucket, cost, each),)
+            except StoreError as exc:
+                _settle_failed(bucket, exc)
+        return left
 
     @staticmethod
     def taken_headers(held: Hold, kept: bool) -> RawHeaders | None:
         """RateLimit headers of what ``take_nowait`` admitted (None: an unlimited resource);
         a refunded request's usage without it."""
-        plan, (used, limit, _, _) = held
-        if limit < 0:
-            return None
-        # The plan's charge of this second: its t= is the window's seconds left now.
-        return one_policy_headers(plan.made[0] if plan.until == INF else plan.at_second[0], used, limit, kept)
+        plan, taken = held  # one Taken, or a list of them (see Hold)
+        # The plan's charges of this second: their t= is the windows' seconds left now.
+        charges = plan.made if plan.until == INF else plan.at_second
+        if plan.taking is not None:  # one bucket
+            used, limit, _, _ = taken
+            return None if limit < 0 else one_policy_headers(charges[0], used, limit, kept)
+        return _policies(charges, taken, 0, not kept)
 
     def settle_nowait(self, admitted: Admitted, keep: bool) -> tuple[Reservation, ...]:
         """``settle_all`` of what the store settles in process or hands over; returns the
@@ -919,6 +939,8 @@ class _Plan:
     armed_until: float = -INF
     #: Its one claim, what take_nowait takes: (bucket, cost, limit, scale); None: not taken.
     taking: tuple[Bucket, int, int, int] | None = None
+    #: Its claims, when it has several, as take_nowait takes them; None: not taken.
+    taking_all: tuple[tuple[Bucket, int, int, int], ...] | None = None
 
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == INF:  # count quotas only: the same charges for every request
@@ -936,8 +958,9 @@ class _Plan:
         return made
 
 
-#: What take_nowait admitted: the plan (its one claim) and what the store took for it.
-Hold = tuple[_Plan, Taken]
+#: What take_nowait admitted: the plan and what the store took, for its one claim (a Taken) or for
+#: each of its claims (a list).
+Hold = tuple[_Plan, Any]
 
 
 class _CountUnlimited:
@@ -978,15 +1001,23 @@ def _refusing(claims: Sequence[Claim], decisions: Sequence[Decision]) -> int:
 
 def combined_headers(charges: Sequence[Charge], decisions: Sequence[Decision], *, refused: bool = False) -> RawHeaders:
     """One ``RateLimit-Policy`` and one ``RateLimit`` field listing every limited policy."""
+    return _policies(charges, decisions, 1, refused)
+
+
+def _policies(charges: Sequence[Charge], rows: Sequence[Any], used_at: int, refused: bool) -> RawHeaders:
+    """combined_headers of Decisions (``used_at`` 1: admitted, used, limit, ...) or of what
+    take_nowait took (``used_at`` 0: used, limit, ...; every one admitted). A refused request's
+    usage is without it where it was admitted."""
     policies: list[bytes] = []
     states: list[bytes] = []
     own = charges[0].bucket.project
-    for charge, decision in zip(charges, decisions, strict=True):
-        limit = decision.limit
+    for charge, row in zip(charges, rows, strict=True):
+        used, limit = row[used_at], row[used_at + 1]
         if limit < 0:
             continue  # unlimited: no policy to state
-        policy, state = charge.items(limit, decision.used - charge.units if refused and decision.admitted
-                                     else decision.used, own)
+        if refused and (used_at == 0 or row[0]):
+            used -= charge.units
+        policy, state = charge.items(limit, used, own)
         policies.append(policy)
         states.append(state)
     if not policies:

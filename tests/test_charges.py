@@ -132,6 +132,24 @@ async def test_one_request_charging_several_resources_is_all_or_nothing(store: S
         assert bad.status_code == 400 and "cost" in bad.json()["description"]
 
 
+async def test_a_failed_creation_of_fixed_charges_gives_every_bucket_back(store: Store, clock: FakeClock) -> None:
+    # Fixed charges (no cost read from the request): a warm request is taken in one step in process.
+    rules = [Rule("POST", "/containers", charges={"containers": 1, "secrets": 2}),
+             Rule("POST", "/containers", "calls", limit="10/minute")]
+    app = guarded(store, clock, rules, {"containers": 10, "secrets": 5})
+    buckets = Bucket("p", "containers"), Bucket("p", "secrets")
+    async with client(app) as c:
+        assert (await c.post("/containers", headers=HEADERS)).status_code == 201
+        failed = [await c.post("/containers?status=409", headers=HEADERS) for _ in range(2)]
+        assert await used(store, *buckets) == [1, 2]
+        created = await c.post("/containers", headers=HEADERS)
+        assert await used(store, *buckets) == [2, 4]
+    assert [r.status_code for r in failed] == [409, 409] and created.status_code == 201
+    # A failed request's headers state the usage without it: of every policy it met.
+    assert failed[1].headers["ratelimit"] == '"containers";r=9, "secrets";r=3, "calls";r=9;t=60'
+    assert created.headers["ratelimit"] == '"containers";r=8, "secrets";r=1, "calls";r=8;t=60'
+
+
 async def test_a_bucket_two_rules_charge_is_charged_their_sum_once(store: Store, clock: FakeClock) -> None:
     rules = [Rule("POST", "/things", "things"), Rule("POST", "/{kind}", "things", cost=2)]
     app = guarded(store, clock, rules, {"things": 7})

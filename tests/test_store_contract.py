@@ -241,6 +241,25 @@ async def test_a_taken_lease_expires_and_a_late_commit_counts_once(store: Store,
     assert await store.usage(B) == 2
 
 
+async def test_a_group_taken_counts_like_one_reserved(store: Store) -> None:
+    a, b = Bucket("p", "a"), Bucket("p", "b")
+    claims = [(a, 1, 2, 1), (b, 2, 10, 1)]  # plain tuples, as the engine passes them
+    first = store.take_all_nowait(claims, LEASE)
+    if first is None:
+        pytest.skip("this store takes nothing in process")
+    second = store.take_all_nowait(claims, LEASE)
+    assert second is not None
+    assert [(used, limit) for used, limit, _, _ in first + second] == [(1, 2), (2, 10), (2, 2), (4, 10)]
+    assert len({member for _, _, member, _ in first}) == 1  # one member for the group, as reserve_all
+    assert store.take_all_nowait(claims, LEASE) is None  # a is full: refused whole, b untouched
+    assert [await store.usage(bucket) for bucket in (a, b)] == [2, 4]
+    for taken, keep in ((first, True), (second, False)):
+        for (bucket, cost, _, _), (_, _, member, _) in zip(claims, taken, strict=True):
+            for _ in range(2):  # settled twice: counted once
+                assert store.settle_taken_nowait(bucket, cost, member, keep)
+    assert [await store.usage(bucket) for bucket in (a, b)] == [1, 2]
+
+
 async def test_flush_applies_handed_over_settlements(store: Store) -> None:
     decisions = await asyncio.gather(*(store.reserve(B, 1, 10, LEASE) for _ in range(10)))
     for i, decision in enumerate(decisions):

@@ -61,6 +61,10 @@ class Claim(NamedTuple):
 Taken = tuple[int, int, str, int]
 
 
+#: A Claim, or the same four values in a plain tuple (unpacked faster: see take_all_nowait).
+ClaimLike = Claim | tuple[Bucket, int, int, int]
+
+
 class Decision(NamedTuple):
     admitted: bool
     #: Usage of the bucket after this decision (including the reservation when admitted).
@@ -176,6 +180,11 @@ class Store(ABC):
         The engine's path for most requests of a warm project, used when a store defines this pair
         at least as far down its class hierarchy as ``reserve_nowait`` and ``settle_nowait``.
         """
+        return None
+
+    def take_all_nowait(self, claims: Sequence[ClaimLike], lease_ms: int) -> list[Taken] | None:
+        """``reserve_all_nowait``'s admission as plain values, one Taken per claim; None: refused
+        (nothing held), or not decidable in process. Settle each with ``settle_taken_nowait``."""
         return None
 
     def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:

@@ -11,7 +11,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
-from .base import Bucket, BucketUsage, Claim, Decision, Reservation, Store, Taken, decision_of
+from .base import Bucket, BucketUsage, Claim, ClaimLike, Decision, Reservation, Store, Taken, decision_of
 
 _new = tuple.__new__
 
@@ -144,47 +144,54 @@ class MemoryStore(Store):
         return self.reserve_all_nowait(claims, lease_ms)
 
     def reserve_all_nowait(self, claims: Sequence[Claim], lease_ms: int) -> list[Decision]:
+        taken = self.take_all_nowait(claims, lease_ms)
+        if taken is None:
+            return self._refused(claims)
+        return [decision_of(claim[0], claim[1], each) for claim, each in zip(claims, taken, strict=True)]
+
+    def take_all_nowait(self, claims: Sequence[ClaimLike], lease_ms: int) -> list[Taken] | None:
         """All or nothing, in one pass: each bucket is taken in turn, and if one falls short the
         ones taken before it are given back (no await in between: nobody saw them)."""
         now = self._now_ms()
         slots = self._slots
         expires, member = now + lease_ms, next(self._members)  # one member: each bucket has its own leases
-        decisions: list[Decision] = []
+        taken: list[Taken] = []
         for bucket, cost, limit, scale in claims:
             if self._overrides:
                 limit = self._effective(bucket, limit, scale)
             slot = slots.get(bucket)
             if slot is None:
                 if 0 <= limit < cost:
-                    return self._refused(claims, decisions, now)
+                    self._undo(claims, len(taken), member)
+                    return None
                 slot = slots[bucket] = _Slot()
             used = slot.used + cost
             if 0 <= limit < used:
                 used = self._purge(bucket, slot, now) + cost
                 if limit < used:
-                    return self._refused(claims, decisions, now)
+                    self._undo(claims, len(taken), member)
+                    return None
             if member in slot.leases:  # the group's one member is in this bucket already
-                self._undo(decisions)
+                self._undo(claims, len(taken), member)
                 raise ValueError(f"reserve_all: {bucket} is claimed twice; buckets must be distinct "
                                  f"(sum their costs)")
             slot.used = used
             slot.leases[member] = (expires, cost)
-            decisions.append(_new(Decision, (True, used, limit, _new(Reservation, (bucket, cost, member, expires)))))
-        return decisions
+            taken.append((used, limit, member, expires))
+        return taken
 
-    def _undo(self, taken: list[Decision]) -> None:
-        """Undo what a group took before it stopped, exactly (no slot it made is kept)."""
-        for decision in taken:
-            bucket, cost, member, _ = decision.reservation  # type: ignore[misc]  # an admission holds one
+    def _undo(self, claims: Sequence[ClaimLike], count: int, member: str) -> None:
+        """Undo what a group took from its first ``count`` buckets, exactly (no slot it made is kept)."""
+        for bucket, cost, _, _ in claims[:count]:
             slot = self._slots[bucket]
             del slot.leases[member]
             slot.used -= cost
             if slot.used == 0 and not slot.leases and slot.commits == 0:
                 del self._slots[bucket]  # as good as none: the slot this group made, maybe
 
-    def _refused(self, claims: Sequence[Claim], taken: list[Decision], now: int) -> list[Decision]:
-        """Undo what a refused group took; every bucket's refusal, with its usage."""
-        self._undo(taken)
+    def _refused(self, claims: Sequence[Claim]) -> list[Decision]:
+        """Every bucket's refusal, with its usage (the group holds nothing)."""
+        now = self._now_ms()
         refused = []
         for bucket, cost, limit, scale in claims:
             if self._overrides:
