@@ -109,10 +109,9 @@ class _Op(NamedTuple):
     amount: int
     limit: int
     lease_until: int
-    expires: int
-    scale: int
-    #: The resource's field in the overrides hash ("-" where no override can apply).
-    field: str
+    #: "<key expiry> <scale> <field>": the operation's last fields, the same for every request of
+    #: its bucket (field: the resource's in the overrides hash, "-" where no override can apply).
+    tail: str
     #: None for settlements, which nobody waits for.
     future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
@@ -142,10 +141,13 @@ class _Group(NamedTuple):
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
         future: asyncio.Future[Any] | None = None, retry_since: float | None = None,
         scale: int = 1) -> _Op:
-    keys, field, expires = _keys(prefix, bucket)
+    keys, overridable, plain = _keys(prefix, bucket)
+    tail = overridable if kind in _OVERRIDABLE else plain
+    if scale != 1:
+        expires, _, field = tail.split(" ")
+        tail = f"{expires} {scale} {field}"
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
-    return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, expires, scale,
-                               field if kind in _OVERRIDABLE else "-", future, retry_since,
+    return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, tail, future, retry_since,
                                bucket if kind == RESERVE else None, None))
 
 
@@ -172,7 +174,8 @@ def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
     parts: list[str] = []
     settling: list[str] = []
     for bucket, cost, limit, scale in claims:
-        bucket_keys, field, expires = _keys(prefix, bucket)
+        bucket_keys = _keys(prefix, bucket)[0]
+        expires, field = bucket.expires_ms, escape(bucket.resource)
         keys += bucket_keys
         parts.append(f"{cost} {limit} {expires} {scale} {field}")
         settling.append(f"{cost} {expires}")
@@ -182,13 +185,15 @@ def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str, int]:
-    # Percent-encoding is the costliest part of building an operation; hot buckets repeat.
+def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str, str]:
+    """The bucket's keys, and an operation's tail (see _Op) at scale 1 where an override applies
+    and where none does. Percent-encoding and formatting are the costliest parts of building an
+    operation; hot buckets repeat."""
     window = None if bucket.window is None else int(bucket.window.start)
     counter, leases, settled = counter_keys(prefix, bucket.project, bucket.resource, window)
     keys = (counter, leases, settled, overrides_key(prefix, bucket.project),
             commits_key(prefix, bucket.project, bucket.resource, window))
-    return keys, escape(bucket.resource), bucket.expires_ms
+    return keys, f"{bucket.expires_ms} 1 {escape(bucket.resource)}", f"{bucket.expires_ms} 1 -"
 
 
 
@@ -284,7 +289,7 @@ class RedisStore(Store, SharedState):
                 self._groups[id(claims)] = (claims, group)  # holding the claims: their id stays theirs
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
         self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
-                                          0, 1, "-", future, None, None, group)))
+                                          "", future, None, None, group)))
         return future
 
     async def _reserve_one(self, claim: Claim, lease_ms: int) -> list[Decision]:
@@ -348,8 +353,8 @@ class RedisStore(Store, SharedState):
         group = self._held.pop(group_id, None)
         if group is None or len(group.costs) != len(reservations):
             return False
-        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, 0,
-                                          1, "-", None, time.monotonic(), None, group)))
+        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, "",
+                                          None, time.monotonic(), None, group)))
         return True
 
     async def release(self, bucket: Bucket, cost: int) -> int:
@@ -526,14 +531,14 @@ class RedisStore(Store, SharedState):
         first: dict[str | tuple[str, ...], int] = {}
         args: list[Any] = [int(self._clock() * 1000)]
         answers = 0  # three per operation; per bucket, for a group
-        for op_keys, kind, name, amount, limit, lease_until, expires, scale, field, _, _, _, group in ops:
+        for op_keys, kind, name, amount, limit, lease_until, tail, _, _, _, group in ops:
             key = op_keys[0] if group is None else op_keys
             index = first.get(key)
             if index is None:
                 index = first[key] = len(keys) + 1
                 keys += op_keys
             if group is None:
-                args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {expires} {scale} {field}")
+                args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {tail}")
                 answers += 3
             else:
                 args.append(f"{index} G {name} {lease_until} {group.tail}" if kind == GROUP else
