@@ -154,18 +154,19 @@ class QuotaMiddleware:
         # (and of the server below it) passes through each of our frames.
         engine = self.engine
         # A warm project on a store that decides in process is admitted without a coroutine: in
-        # plain values for a rule's own demands of one bucket (take_nowait), else as an Admitted.
+        # plain values for a rule's own demands (take_nowait), else as an Admitted.
         plans = self._fast_plans.get(guard)  # None: demands computed per request
         taken = None if plans is None else engine.take_nowait(project, demands, plans)
         if taken is not None:
             # An unlimited resource adds no headers: no work for it.
-            plan, took = taken
-            watch = _Watch(receive, send, taken, None if plan.taking is not None and took[1] < 0
+            took = taken[1]
+            watch = _Watch(receive, send, taken, None if type(took) is tuple and took[1] < 0
                            else QuotaEngine.taken_headers)
             settle: Callable[[Any, bool], Iterable[Reservation]] = engine.settle_taken
         else:
-            held = engine.admit_nowait(project, demands, plans) \
-                if engine.decides_in_process and not shadow and not engine.shadow else None
+            # Not again where take_nowait just asked the store (a refusal): admit() decides it.
+            held = engine.admit_nowait(project, demands, plans) if (plans is None or not engine.takes_in_process) \
+                and engine.decides_in_process and not shadow and not engine.shadow else None
             if held is None:
                 outcome = await engine.admit(project, *demands, headers=scope["headers"], shadow=shadow, plans=plans)
                 if outcome is None:  # failing open: uncounted

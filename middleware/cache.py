@@ -65,7 +65,8 @@ class QuotaCache:
         self.lock_wait = lock_wait
         self._clock = clock
         self._metrics = metrics
-        self._local: LRUCache[str, _Entry] = LRUCache(maxsize=maxsize)
+        self._local = _Evicting(maxsize=maxsize)
+        self._local.on_evict = self._changed
         self._inflight: dict[str, asyncio.Future[Quotas]] = {}
         #: project -> clock time before which the upstream is not asked again (after a failure).
         self._backoff: LRUCache[str, float] = LRUCache(maxsize=maxsize)
@@ -73,7 +74,7 @@ class QuotaCache:
         self._fetch_nowait = nowait_usable(source, "fetch_nowait", "fetch")
         #: A source whose answers never change (StaticSource): what fresh() answers holds for good.
         self._constant = source.constant and nowait_usable(source, "constant", "fetch_nowait", "fetch")
-        #: Called with a project whose quotas in process were just replaced (see fresh_until).
+        #: Called with a project whose quotas in process were just replaced or dropped (see fresh_until).
         self.on_change: Callable[[str], None] = _ignore
 
     def fresh(self, project: str) -> Quotas | None:
@@ -101,6 +102,9 @@ class QuotaCache:
 
     def _keep(self, project: str, entry: _Entry) -> None:
         self._local[project] = entry
+        self.on_change(project)
+
+    def _changed(self, project: str) -> None:
         self.on_change(project)
 
     async def get(self, project: str, headers: Headers) -> Quotas:
@@ -280,6 +284,18 @@ class QuotaCache:
 
 def _ignore(project: str) -> None:
     pass
+
+
+class _Evicting(LRUCache[str, _Entry]):
+    """An LRU cache that says which project it dropped to make room: whatever was worked out from
+    that project's quotas is not to be served any longer (a request for it fetches them again)."""
+
+    on_evict: Callable[[str], None] = _ignore
+
+    def popitem(self) -> tuple[str, _Entry]:
+        project, entry = super().popitem()
+        self.on_evict(project)
+        return project, entry
 
 
 def encode_shared(quotas: Quotas, fetched_at: float) -> bytes:

@@ -233,7 +233,8 @@ class QuotaEngine:
         self._take_nowait = self.store.take_nowait
         #: A group of buckets taken in process too (the memory store): None if not.
         self._take_all_nowait = self.store.take_all_nowait if self.takes_in_process \
-            and nowait_usable(self.store, "take_all_nowait", "reserve_all_nowait", "reserve_all") else None
+            and nowait_usable(self.store, "take_all_nowait", "reserve_all_nowait", "reserve_all") \
+            and nowait_usable(self.store, "settle_taken_nowait", "settle_all_nowait") else None
         self._settle_taken_nowait = self.store.settle_taken_nowait
         self._settle_all_nowait = self.store.settle_all_nowait \
             if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
@@ -384,11 +385,11 @@ class QuotaEngine:
 
     def take_nowait(self, project: str, demands: tuple[Demand, ...],
                     plans: dict[str, _Plan]) -> Hold | None:
-        """``admit_nowait`` of demands that charge one bucket, in plain values: its plan and what
-        the store took (no Admitted, Decision or Reservation made: they cost more to make than the
-        rest of the decision). ``plans``: ``fast_plans(demands)``. None: ask ``admit_nowait`` or
-        ``admit`` (a store that cannot take in process, a refusal, a cold project, several
-        buckets, metrics). Settle with ``settle_taken``.
+        """``admit_nowait`` in plain values: the plan and what the store took, one Taken for a plan
+        of one bucket, a list for several (no Admitted, Decision or Reservation made: they cost more
+        to make than the rest of the decision). ``plans``: ``fast_plans(demands)``. None: ask
+        ``admit`` (a store that cannot take in process, a refusal, a cold project, a window ending
+        mid-second, metrics). Settle with ``settle_taken``.
 
         A plan checked as admit_nowait checks it is *armed*: served until the second ends (or
         sooner: its window ends, its quotas go stale or are replaced) without looking anything
@@ -397,7 +398,7 @@ class QuotaEngine:
         if not self.takes_in_process or self.metrics is not None:
             return None
         now = self.clock()
-        plan = plans.get(project)
+        plan = plans.get(project)  # _armed_plan, written out: every warm request comes here
         if plan is None or not now < plan.armed_until:
             plan = self._arm(project, demands, plans, now)  # checked now: good for this request
             if plan is None:
@@ -428,14 +429,15 @@ class QuotaEngine:
         plan = self._plan_nowait(project, demands, None, now)
         if plan is None:
             return None
-        plan.charges(now)
+        plan.charges(now)  # this second's charges, in plan.at_second (for windows ending on a whole second)
         until = min(now // 1 + 1, plan.until, self.cache.fresh_until(project))
         if self._parents is not None:
             until = min(until, self._parents[project][1])  # _plan_nowait found it, unexpired
             if plan.parent is not None:
                 until = min(until, self.cache.fresh_until(plan.parent))
-                if len(self._children) >= self._cache_size:
+                if len(self._children) >= self._cache_size:  # bounded: every plan is checked again
                     self._children.clear()
+                    self._disarm_all()
                 self._children.setdefault(plan.parent, set()).add(project)
         plan.armed_until = until
         plan.taking = plan.taking_all = None
@@ -453,9 +455,13 @@ class QuotaEngine:
         plans[project] = plan
         return plan
 
+    def _disarm_all(self) -> None:
+        for plans in self._armed.values():
+            plans.clear()
+
     def _disarm(self, project: str) -> None:
-        """The project's quotas in process were replaced: its armed plans, and those of the projects
-        it is the parent of, are not to be served."""
+        """The project's quotas in process were replaced or dropped: its armed plans, and those of
+        the projects it is the parent of, are not to be served."""
         projects = {project, *self._children.pop(project, ())}
         for plans in self._armed.values():
             for each in projects:
@@ -465,8 +471,8 @@ class QuotaEngine:
         """Keep or give back what ``take_nowait`` admitted; returns the Reservations the store
         could not settle in process (await ``settle`` for each), as ``settle_nowait`` does."""
         plan, taken = held  # one Taken, or a list of them (see Hold)
-        if plan.taking is not None:  # one bucket
-            bucket, cost, _, _ = plan.taking
+        if type(taken) is tuple:  # one bucket
+            bucket, cost, _, _ = plan.taking or plan.claims[0]  # (a plain tuple unpacks faster)
             try:
                 if self._settle_taken_nowait(bucket, cost, taken[2], keep):
                     return ()
@@ -475,7 +481,7 @@ class QuotaEngine:
                 return ()
             return (reservation_of(bucket, cost, taken),)
         left: tuple[Reservation, ...] = ()
-        for (bucket, cost, _, _), each in zip(plan.taking_all or (), taken, strict=True):
+        for (bucket, cost, _, _), each in zip(plan.taking_all or plan.claims, taken, strict=True):
             try:
                 if not self._settle_taken_nowait(bucket, cost, each[2], keep):
                     left += (reservation_of(bucket, cost, each),)
@@ -488,9 +494,10 @@ class QuotaEngine:
         """RateLimit headers of what ``take_nowait`` admitted (None: an unlimited resource);
         a refunded request's usage without it."""
         plan, taken = held  # one Taken, or a list of them (see Hold)
-        # The plan's charges of this second: their t= is the windows' seconds left now.
+        # The plan's charges of the second it was last armed in (the response's, or its request's):
+        # their t= is their windows' seconds left then.
         charges = plan.made if plan.until == INF else plan.at_second
-        if plan.taking is not None:  # one bucket
+        if type(taken) is tuple:  # one bucket
             used, limit, _, _ = taken
             return None if limit < 0 else one_policy_headers(charges[0], used, limit, kept)
         return _policies(charges, taken, 0, not kept)
@@ -639,8 +646,9 @@ class QuotaEngine:
             parent = await self.source.parent_of(project, self.cache.forwarded(headers))
         if parent is not None and (not isinstance(parent, str) or not parent):
             raise SourceInvalid(f"the parent of project {project!r} is not a project id: {parent!r}")
-        if len(self._parents) >= self._cache_size:
+        if len(self._parents) >= self._cache_size:  # bounded: every plan is checked again
             self._parents.clear()
+            self._disarm_all()
         self._parents[project] = (parent, self.clock() + self._cache_ttl)
         return parent
 

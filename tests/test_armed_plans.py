@@ -127,7 +127,8 @@ async def test_a_parent_found_after_the_plan_was_armed_applies_within_the_second
 
 
 async def test_a_window_ending_mid_second_is_planned_per_request(clock: FakeClock) -> None:
-    # Its t= changes within a second: nothing armed, the window's end still exact.
+    # Its t= changes within a second: its charges are made per request (the plan is armed, not
+    # taken), the window's end still exact.
     clock.now = 1_800_000_000.25
     period = Window(clock.now - 10, clock.now + 1.5)  # ends at .75
     mw = QuotaMiddleware(inner_app(), rules=RULES, clock=clock,
@@ -165,3 +166,37 @@ async def test_a_parents_quotas_going_stale_first_bound_the_childs_plan(clock: F
     upstream.limits["org"]["things"] = 3
     clock.advance(0.3)  # .6: the parent's quotas are stale, the child's are not
     assert await statuses(mw, 1) == [403]
+
+
+async def test_quotas_evicted_from_the_cache_are_fetched_again_within_the_second(clock: FakeClock) -> None:
+    upstream = Upstream({"p": {"things": 5}, "q": {"things": 5}})
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=upstream, cache_size=1, clock=clock)
+    assert await statuses(mw, 2) == [201, 201]
+    assert await statuses(mw, 1, project="q") == [201]  # evicts p's quotas
+    upstream.limits["p"]["things"] = 2
+    assert await statuses(mw, 1) == [403]
+
+
+async def test_parents_forgotten_for_room_are_asked_again_within_the_second(clock: FakeClock) -> None:
+    parents: dict[str, str | None] = {"p": "org", "q": None}
+    mw = QuotaMiddleware(inner_app(), rules=RULES, source=StaticSource({"things": 5}, projects={"org": {"things": 2}}),
+                         parent=parents.get, cache_size=1, clock=clock)
+    assert await statuses(mw, 2) == [201, 201]  # the org's cap is full now
+    parents["p"] = None
+    assert await statuses(mw, 1, project="q") == [201]  # its parent's lookup makes room: p's is forgotten
+    assert await statuses(mw, 1) == [201]
+
+
+async def test_a_store_that_settles_groups_its_own_way_is_not_taken_in_groups(clock: FakeClock) -> None:
+    settled: list[bool] = []
+
+    class AuditedStore(MemoryStore):  # overrides settle_all_nowait, not the plain-value paths
+        def settle_all_nowait(self, reservations: Any, keep: bool) -> bool:
+            settled.append(keep)
+            return super().settle_all_nowait(reservations, keep)
+
+    rules = [Rule("POST", "/things", charges={"things": 1, "others": 1})]
+    mw = QuotaMiddleware(inner_app(), rules=rules, source=StaticSource({"things": 5, "others": 5}),
+                         store=AuditedStore(clock=clock), clock=clock)
+    assert await statuses(mw, 3) == [201, 201, 201]
+    assert settled == [True, True, True]

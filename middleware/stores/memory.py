@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 
 from .base import Bucket, BucketUsage, Claim, ClaimLike, Decision, Reservation, Store, Taken, decision_of
 
-_new = tuple.__new__
-
 #: How often (in the store's clock, ms) buckets of windows that are over are dropped.
 SWEEP_EVERY_MS = 60_000
 #: How long an expired lease is remembered, so that a late commit still counts (once).
