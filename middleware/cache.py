@@ -72,8 +72,10 @@ class QuotaCache:
         self._backoff: LRUCache[str, float] = LRUCache(maxsize=maxsize)
         self._forward = tuple(h.lower().encode("latin-1") for h in source.forward_headers)
         self._fetch_nowait = nowait_usable(source, "fetch_nowait", "fetch")
-        #: A source whose answers never change (StaticSource): what fresh() answers holds for good.
-        self._constant = source.constant and nowait_usable(source, "constant", "fetch_nowait", "fetch")
+        #: A source whose answers never change, from memory (StaticSource): what fresh() answers
+        #: holds for good.
+        self._constant = self._fetch_nowait and source.constant \
+            and nowait_usable(source, "constant", "fetch_nowait", "fetch")
         #: Called with a project whose quotas in process were just replaced or dropped (see fresh_until).
         self.on_change: Callable[[str], None] = _ignore
 
@@ -96,7 +98,7 @@ class QuotaCache:
         ``on_change`` says otherwise first; -inf: it may answer differently at any time (a source
         read on every decision)."""
         if not self.source.cacheable:
-            return math.inf if self._constant and self._fetch_nowait else -math.inf
+            return math.inf if self._constant else -math.inf
         entry = self._local.get(project)
         return -math.inf if entry is None else entry.fresh_until
 

@@ -141,10 +141,12 @@ class _Group(NamedTuple):
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
         future: asyncio.Future[Any] | None = None, retry_since: float | None = None,
         scale: int = 1) -> _Op:
-    keys, overridable, plain = _keys(prefix, bucket)
-    tail = overridable if kind in _OVERRIDABLE else plain
+    keys, field, expires, overridable, plain = _keys(prefix, bucket)
+    if kind not in _OVERRIDABLE:
+        field, tail = "-", plain
+    else:
+        tail = overridable
     if scale != 1:
-        expires, _, field = tail.split(" ")
         tail = f"{expires} {scale} {field}"
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
     return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, tail, future, retry_since,
@@ -174,8 +176,7 @@ def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
     parts: list[str] = []
     settling: list[str] = []
     for bucket, cost, limit, scale in claims:
-        bucket_keys = _keys(prefix, bucket)[0]
-        expires, field = bucket.expires_ms, escape(bucket.resource)
+        bucket_keys, field, expires, _, _ = _keys(prefix, bucket)
         keys += bucket_keys
         parts.append(f"{cost} {limit} {expires} {scale} {field}")
         settling.append(f"{cost} {expires}")
@@ -185,15 +186,16 @@ def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
 
 
 @functools.lru_cache(maxsize=16_384)
-def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str, str]:
-    """The bucket's keys, and an operation's tail (see _Op) at scale 1 where an override applies
-    and where none does. Percent-encoding and formatting are the costliest parts of building an
-    operation; hot buckets repeat."""
+def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str, int, str, str]:
+    """The bucket's keys, its field in the overrides hash, its keys' expiry, and an operation's
+    tail (see _Op) at scale 1 where an override applies and where none does. Percent-encoding
+    and formatting are the costliest parts of building an operation; hot buckets repeat."""
     window = None if bucket.window is None else int(bucket.window.start)
     counter, leases, settled = counter_keys(prefix, bucket.project, bucket.resource, window)
     keys = (counter, leases, settled, overrides_key(prefix, bucket.project),
             commits_key(prefix, bucket.project, bucket.resource, window))
-    return keys, f"{bucket.expires_ms} 1 {escape(bucket.resource)}", f"{bucket.expires_ms} 1 -"
+    field, expires = escape(bucket.resource), bucket.expires_ms
+    return keys, field, expires, f"{expires} 1 {field}", f"{expires} 1 -"
 
 
 
