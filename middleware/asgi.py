@@ -19,7 +19,7 @@ from typing import Any
 from . import options
 from .cache import QuotaCache
 from .engine import Admitted, Charge, Demand, QuotaEngine
-from .errors import ConfigurationError, RequestError
+from .errors import ConfigurationError, RequestError, StoreError
 from .identity import Identity, IdentityFn
 from .quotas import to_store_units
 from .rendering import Rejection, Renderer, barbican_error
@@ -157,6 +157,21 @@ class QuotaMiddleware:
         # plain values for a rule's own demands (take_nowait), else as an Admitted.
         plans = self._fast_plans.get(guard)  # None: demands computed per request
         taken = None if plans is None else engine.take_nowait(project, demands, plans)
+        if taken is None and plans is not None and engine.takes_later:
+            # A store that must be awaited (Redis): its own awaitable, in plain values too.
+            later = engine.take_later(project, demands, plans)
+            if later is not None:
+                try:
+                    took = await later[1]
+                except StoreError as exc:
+                    failed = engine.take_failed(exc, project, demands, shadow)
+                    if failed is None:  # failing open: uncounted
+                        await self.app(scope, receive, send)
+                    else:
+                        await self._reject(send, failed)
+                    return
+                if took is not None:  # refused: admit() decides it again, and answers the refusal
+                    taken = (later[0], took)
         if taken is not None:
             # An unlimited resource adds no headers: no work for it.
             took = taken[1]

@@ -26,7 +26,7 @@ from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, limit_headers, limit_policy, limit_state
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, reservation_of
+from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, Taken, reservation_of
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .types import METRICS_METHODS, QuotaMetricsLike, RawHeaders
@@ -236,6 +236,11 @@ class QuotaEngine:
             and nowait_usable(self.store, "take_all_nowait", "reserve_all_nowait", "reserve_all") \
             and nowait_usable(self.store, "settle_taken_nowait", "settle_all_nowait") else None
         self._settle_taken_nowait = self.store.settle_taken_nowait
+        #: A store that must be awaited takes in plain values too (Redis): take_later can answer.
+        self._take = self.store.take if not self.takes_in_process \
+            and nowait_usable(self.store, "take", "reserve") \
+            and nowait_usable(self.store, "settle_taken_nowait", "settle_nowait", "commit", "refund") else None
+        self.takes_later = self._take is not None
         self._settle_all_nowait = self.store.settle_all_nowait \
             if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
         self.default_limit = UNLIMITED if default_limit < 0 else default_limit
@@ -412,6 +417,34 @@ class QuotaEngine:
             return None
         group = self._take_all_nowait(plan.taking_all, self.lease_ms)
         return None if group is None else (plan, group)
+
+    def take_later(self, project: str, demands: tuple[Demand, ...],
+                   plans: dict[str, _Plan]) -> tuple[_Plan, Awaitable[Taken | None]] | None:
+        """``take_nowait`` for a store that must be awaited (``takes_later``: Redis, leases off):
+        the armed plan of one bucket, and the store's own awaitable of what it took (None when
+        refused: ask ``admit``, which answers the refusal; it raises StoreError: see
+        ``take_failed``). None: ask ``admit`` (a cold project, several buckets, metrics). Settle
+        with ``settle_taken``."""
+        if self._take is None or self.metrics is not None:
+            return None
+        now = self.clock()
+        plan = plans.get(project)  # _armed_plan, written out: every warm request comes here
+        if plan is None or not now < plan.armed_until:
+            plan = self._arm(project, demands, plans, now)
+            if plan is None:
+                return None
+        taking = plan.taking
+        if taking is None:
+            return None
+        bucket, cost, limit, scale = taking
+        taken = self._take(bucket, cost, limit, self.lease_ms, scale)
+        return None if taken is None else (plan, taken)
+
+    def take_failed(self, exc: StoreError, project: str, demands: tuple[Demand, ...],
+                    shadow: bool) -> Rejection | None:
+        """What ``admit`` answers when the store fails (``on_store_error``): a Rejection (fail
+        closed), or None (fail open: let the request through, uncounted)."""
+        return self._store_failed(exc, project, demands[0].resource, shadow or self.shadow)
 
     def _armed_plan(self, project: str, demands: tuple[Demand, ...], plans: dict[str, _Plan],
                     now: float) -> _Plan | None:

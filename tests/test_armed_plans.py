@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import fakeredis
 import pytest
 
-from middleware import Limit, MemoryStore, QuotaMiddleware, Quotas, QuotaSource, Rule, StaticSource, Window
+from middleware import Limit, MemoryStore, QuotaMiddleware, Quotas, QuotaSource, RedisStore, Rule, StaticSource, Window
 from middleware.stores.base import Bucket, Decision, Taken
 from middleware.testing import QuotaFixture
 from tests.conftest import FakeClock
@@ -191,3 +192,39 @@ async def test_a_store_that_settles_groups_its_own_way_is_not_taken_in_groups(cl
                          store=AuditedStore(clock=clock), clock=clock)
     assert await statuses(mw, 3) == [201, 201, 201]
     assert settled == [True, True, True]
+
+
+async def test_on_redis_warm_requests_are_taken_in_plain_values_unless_reserve_is_overridden(
+        clock: FakeClock) -> None:
+    # A store that must be awaited (Redis, leases off) takes a warm project's requests in plain
+    # values too (QuotaEngine.take_later), refusals and failures going the long way; a subclass
+    # that audits reserve keeps seeing every request.
+    calls: list[str] = []
+
+    class CountingRedis(RedisStore):
+        def take(self, bucket: Bucket, cost: int, limit: int, lease_ms: int, scale: int = 1) -> Any:
+            calls.append("take")
+            return super().take(bucket, cost, limit, lease_ms, scale)
+
+    class AuditedRedis(CountingRedis):
+        async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("reserve")
+            return await super().reserve(*args, **kwargs)
+
+    for store_class, taken in ((CountingRedis, True), (AuditedRedis, False)):
+        calls.clear()
+        store = store_class(fakeredis.FakeAsyncRedis(), clock=clock)
+        mw = QuotaMiddleware(inner_app(), rules=[*RULES, Rule("POST", "/fail", "things")], store=store,
+                             clock=clock, source=StaticSource({"things": 3}))
+        assert mw.engine.takes_later is taken
+        async with client_for(mw) as client:
+            got = [(await client.post(path, headers=HEADERS)).status_code
+                   for path in ("/things", "/fail", "/things", "/things", "/things", "/things")]
+            await store.flush()
+            assert got == [201, 409, 201, 201, 403, 403]  # the failed creation used nothing
+            assert await store.usage(Bucket("p", "things")) == 3
+            # A refusal is answered the long way: the usual rejection.
+            refused = await client.post("/things", headers=HEADERS)
+            assert refused.status_code == 403 and refused.json()["code"] == 403
+        assert calls == (["take"] if taken else ["reserve"]) * 7, calls
+        await store.aclose()

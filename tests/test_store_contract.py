@@ -203,11 +203,18 @@ async def test_nowait_calls_count_like_awaited_ones(store: Store) -> None:
 
 async def test_taken_calls_count_like_awaited_ones(store: Store, clock: FakeClock) -> None:
     # The engine's fast path: take_nowait / settle_taken_nowait, in plain values, where a store
-    # decides in process; whichever way each call goes, the counting is the same.
+    # decides in process, and take where it must be awaited; whichever way each call goes, the
+    # counting is the same.
     held: list[Reservation] = []
     refused = 0
     for _ in range(6):
         taken = store.take_nowait(B, 1, 4, LEASE)
+        later = store.take(B, 1, 4, LEASE) if taken is None else None
+        if later is not None:
+            taken = await later
+            if taken is None:  # refused: nothing held
+                refused += 1
+                continue
         if taken is not None:
             used, limit, _, expires_ms = taken
             assert (used, limit) == (len(held) + 1, 4) and expires_ms == int(clock() * 1000) + LEASE
@@ -230,15 +237,21 @@ async def test_taken_calls_count_like_awaited_ones(store: Store, clock: FakeCloc
 
 async def test_a_taken_lease_expires_and_a_late_commit_counts_once(store: Store, clock: FakeClock) -> None:
     taken = store.take_nowait(B, 2, 2, LEASE)
-    if taken is None:  # a store that decides nothing in process settles nothing in process either
+    later = store.take(B, 2, 2, LEASE) if taken is None else None
+    if later is not None:
+        taken = await later
+    if taken is None:  # a store that takes nothing in plain values settles nothing that way either
         assert not store.settle_taken_nowait(B, 2, "any", True) and await store.usage(B) == 0
         return
     clock.advance(LEASE / 1000 + 0.001)
     assert await store.usage(B) == 0  # the lease was given back
     for _ in range(2):
         assert store.settle_taken_nowait(B, 2, taken[2], True)
+    await store.flush()
     assert await store.usage(B) == 2
     assert store.take_nowait(B, 1, 2, LEASE) is None  # full: refused, nothing held
+    later = store.take(B, 1, 2, LEASE)
+    assert later is None or await later is None
     assert await store.usage(B) == 2
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 from ..keys import member
@@ -179,6 +179,20 @@ class Store(ABC):
 
         The engine's path for most requests of a warm project, used when a store defines this pair
         at least as far down its class hierarchy as ``reserve_nowait`` and ``settle_nowait``.
+        """
+        return None
+
+    def take(self, bucket: Bucket, cost: int, limit: int, lease_ms: int,
+             scale: int = 1) -> Awaitable[Taken | None] | None:
+        """``reserve`` in plain values, for a store that must be awaited (Redis): an awaitable
+        of the Taken when admitted, of None when refused (nothing held: ask ``reserve``, which
+        answers the refusal); it raises StoreError as ``reserve`` does. None: not offered (await
+        ``reserve``). Settle it with ``settle_taken_nowait``.
+
+        The engine's path for a warm project on such a store (``QuotaEngine.take_later``): the
+        middleware awaits the store's own awaitable, with no coroutine of the engine's between.
+        Used when a store defines ``take`` and ``settle_taken_nowait`` at least as far down its
+        class hierarchy as ``reserve``, ``settle_nowait``, ``commit`` and ``refund``.
         """
         return None
 

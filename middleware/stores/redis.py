@@ -61,6 +61,7 @@ from .base import (
     SharedPart,
     SharedState,
     Store,
+    Taken,
     new_id,
     new_member,
 )
@@ -116,7 +117,8 @@ class _Op(NamedTuple):
     future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
-    #: A reserve's bucket: its future is answered with the Decision itself.
+    #: A reserve's bucket: its future is answered with the Decision itself. None for a take
+    #: (see RedisStore.take): answered in plain values.
     bucket: Bucket | None = None
     #: A group's buckets (kind GROUP; member is the group's id): answered with their Decisions.
     group: _Group | None = None
@@ -140,7 +142,7 @@ class _Group(NamedTuple):
 
 def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member: str = "", lease_until: int = 0,
         future: asyncio.Future[Any] | None = None, retry_since: float | None = None,
-        scale: int = 1) -> _Op:
+        scale: int = 1, taking: bool = False) -> _Op:
     keys, field, expires, overridable, plain = _keys(prefix, bucket)
     if kind not in _OVERRIDABLE:
         field, tail = "-", plain
@@ -150,7 +152,7 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
         tail = f"{expires} {scale} {field}"
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
     return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, tail, future, retry_since,
-                               bucket if kind == RESERVE else None, None))
+                               bucket if kind == RESERVE and not taking else None, None))
 
 
 def _refused(claim: Claim, decision: Decision | None) -> Decision:
@@ -267,6 +269,15 @@ class RedisStore(Store, SharedState):
                           int(self._clock() * 1000) + lease_ms, future, scale=scale))
         return future
 
+    def take(self, bucket: Bucket, cost: int, limit: int, lease_ms: int,
+             scale: int = 1) -> asyncio.Future[Taken | None]:
+        """``reserve`` answered in plain values (see Store.take): the future _send answers with
+        the Taken, or None when refused."""
+        future: asyncio.Future[Taken | None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_op(self.prefix, bucket, RESERVE, cost, limit, new_member(cost),
+                          int(self._clock() * 1000) + lease_ms, future, scale=scale, taking=True))
+        return future
+
     def reserve_all(  # type: ignore[override]  # an awaitable, as the contract asks (see reserve)
             self, claims: Sequence[Claim], lease_ms: int) -> Awaitable[list[Decision]]:
         if not claims:  # nothing to decide: no operation (a cluster would find no slot for it)
@@ -343,8 +354,12 @@ class RedisStore(Store, SharedState):
 
     def settle_nowait(self, reservation: Reservation, keep: bool) -> bool:
         """Hand the settlement over; nobody waits for it (it is sent again until Redis applies it)."""
-        self._enqueue(_op(self.prefix, reservation.bucket, COMMIT if keep else REFUND, reservation.cost, 0,
-                          reservation.member, retry_since=time.monotonic()))
+        return self.settle_taken_nowait(reservation.bucket, reservation.cost, reservation.member, keep)
+
+    def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
+        """settle_nowait of what ``take`` admitted (its member)."""
+        self._enqueue(_op(self.prefix, bucket, COMMIT if keep else REFUND, cost, 0, member,
+                          retry_since=time.monotonic()))
         return True
 
     def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
@@ -589,7 +604,8 @@ class RedisStore(Store, SharedState):
                     self._enqueue(self._give_back(op)[0])
             elif op.kind == RESERVE:
                 if not op.future.done():
-                    op.future.set_result(_reserved(op, flag, used, limit))
+                    op.future.set_result(_reserved(op, flag, used, limit) if op.bucket is not None
+                                         else (used, limit, op.member, op.lease_until) if flag == 1 else None)
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
         if not refused:  # Redis applies again: what waits to be sent again goes now
