@@ -188,6 +188,12 @@ def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
 
 
 @functools.lru_cache(maxsize=16_384)
+def _encoded(keys: tuple[str, ...]) -> bytes:
+    """A bucket's keys (a group's) as the arguments of a command in Redis's protocol."""
+    return b"".join(b"$%d\r\n%b\r\n" % (len(data), data) for data in (key.encode() for key in keys))
+
+
+@functools.lru_cache(maxsize=16_384)
 def _keys(prefix: str, bucket: Bucket) -> tuple[tuple[str, str, str, str, str], str, int, str, str]:
     """The bucket's keys, its field in the overrides hash, its keys' expiry, and an operation's
     tail (see _Op) at scale 1 where an override applies and where none does. Percent-encoding
@@ -234,6 +240,7 @@ class RedisStore(Store, SharedState):
         self._clock = clock
         # register_script does no I/O; each call tries EVALSHA and reloads the script on NOSCRIPT.
         self._script = redis.register_script(BATCH_SCRIPT)
+        self._evalsha = b"$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % self._script.sha.encode()
         self._unlock_script = redis.register_script(UNLOCK_SCRIPT)
         self._overrides_script = redis.register_script(OVERRIDES_SCRIPT)
         self._cluster = isinstance(redis, RedisCluster)
@@ -542,28 +549,32 @@ class RedisStore(Store, SharedState):
 
     async def _send(self, ops: Sequence[_Op]) -> None:
         self.integrity.poll()
-        keys: list[str] = []
         # A bucket's keys travel once per call, whatever its operations (a group's: once per
-        # group of the same buckets).
+        # group of the same buckets): spans, in KEYS' order.
+        spans: list[tuple[str, ...]] = []
         first: dict[str | tuple[str, ...], int] = {}
-        args: list[Any] = [int(self._clock() * 1000)]
+        lines: list[str] = []
+        index = 1  # of the next span's first key in KEYS
         answers = 0  # three per operation; per bucket, for a group
         for op_keys, kind, name, amount, limit, lease_until, tail, _, _, _, group in ops:
             key = op_keys[0] if group is None else op_keys
-            index = first.get(key)
-            if index is None:
-                index = first[key] = len(keys) + 1
-                keys += op_keys
+            at = first.get(key)
+            if at is None:
+                at = first[key] = index
+                index += len(op_keys)
+                spans.append(op_keys)
             if group is None:
-                args.append(f"{index} {kind} {name} {amount} {limit} {lease_until} {tail}")
+                lines.append(f"{at} {kind} {name} {amount} {limit} {lease_until} {tail}")
                 answers += 3
             else:
-                args.append(f"{index} G {name} {lease_until} {group.tail}" if kind == GROUP else
-                            f"{index} {kind} {name} {group.settle_tail}")
+                lines.append(f"{at} G {name} {lease_until} {group.tail}" if kind == GROUP else
+                             f"{at} {kind} {name} {group.settle_tail}")
                 answers += 3 * len(group.costs)
+        # ARGV: now, then every operation, a line each (one argument to encode and decode).
+        args = (int(self._clock() * 1000), "\n".join(lines))
         written: list[bool] = []  # not empty once the call may have reached Redis
         try:
-            reply = await self._guard(self._run_batch(keys, args, ops, written))
+            reply = await self._guard(self._run_batch(spans, index - 1, args, ops, written))
             if not isinstance(reply, list) or len(reply) != answers:
                 raise StoreError(f"store script answered {reply!r:.80} for {len(ops)} operations")
         except BaseException as exc:  # whatever happened, every caller must hear of it
@@ -658,14 +669,21 @@ class RedisStore(Store, SharedState):
         return [_op(self.prefix, bucket, REFUND, cost, 0, member(op.member, cost), op.lease_until, retry_since=since)
                 for bucket, cost in zip(op.group.buckets, op.group.costs, strict=True)]
 
-    async def _run_batch(self, keys: list[str], args: list[Any], ops: Sequence[_Op], written: list[bool]) -> Any:
+    async def _run_batch(self, spans: list[tuple[str, ...]], count: int, args: tuple[int, str], ops: Sequence[_Op],
+                         written: list[bool]) -> Any:
         if self._cluster:  # the cluster client routes the call to the slot's node
             try:
-                return await self._script(keys=keys, args=args)
+                return await self._script(keys=[key for span in spans for key in span], args=args)
             except asyncio.CancelledError:  # the timeout: what the client had sent is not known
                 written.append(True)
                 raise
-        command = pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
+        now, lines = args
+        body = lines.encode()
+        # The command in Redis's protocol, written here: each span's keys are encoded once (hot
+        # buckets repeat), where a general encoder formats every argument of every call.
+        command = b"".join((b"*%d\r\n%s$%d\r\n%d\r\n" % (5 + count, self._evalsha, len(str(count)), count),
+                            *[_encoded(span) for span in spans],
+                            b"$%d\r\n%d\r\n$%d\r\n" % (len(str(now)), now, len(body)), body, b"\r\n"))
         reloaded = reconnected = False
         while True:
             try:

@@ -8,8 +8,8 @@
 --       resource -> limit in quota units); and the bucket's running total of committed units
 --       (which lets a reconciliation count the commits that land while it reads the truth).
 -- ARGV[1]: now, epoch ms (the caller's clock, so that every store shares one notion of time);
---       then one per operation, nine fields separated by spaces (packed: fewer arguments to
---       encode and decode on both sides): index of its bucket's first key in KEYS, kind, member,
+-- ARGV[2]: the operations, a line each (one argument, however many: fewer to encode and decode
+--       on both sides), each of nine fields separated by spaces: index of its bucket's first key in KEYS, kind, member,
 --       amount, limit, lease expiry ms, key expiry ms (0: the keys never expire; windowed
 --       counters expire after their window), scale (store units per quota unit) and the
 --       override field ('-': no override applies). A group (kind G, below) is one operation of
@@ -318,8 +318,7 @@ local function settle_group(k, kind, id, count, parts)
   for _ = n + 1, count do answer(-1, 'malformed group settlement ' .. id, 0) end
 end
 
-for i = 2, #ARGV do
-  local line = ARGV[i]
+for line in string.gmatch(ARGV[2] or '', '[^\n]+') do
   local k, kind, rest = string.match(line, '^(%d+) ([GCF]) (.*)$')
   if kind == 'G' then
     local id, lease_until, count, parts = string.match(rest, '^(%S+) (%d+) (%d+) (.*)$')
