@@ -26,7 +26,7 @@ from .nowait import nowait_usable
 from .quotas import UNLIMITED, Limit, Number, Quotas, in_quota_units, to_store_units
 from .rendering import Rejection, format_amount, iso_time, limit_headers, limit_policy, limit_state
 from .sources.base import QuotaSource
-from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, Taken, reservation_of
+from .stores.base import Bucket, Claim, Decision, Reservation, SharedState, Store, reservation_of
 from .stores.leasing import LeasingStore
 from .stores.memory import MemoryStore
 from .types import METRICS_METHODS, QuotaMetricsLike, RawHeaders
@@ -240,6 +240,12 @@ class QuotaEngine:
         self._take = self.store.take if not self.takes_in_process \
             and nowait_usable(self.store, "take", "reserve") \
             and nowait_usable(self.store, "settle_taken_nowait", "settle_nowait", "commit", "refund") else None
+        self._take_all = self.store.take_all if self._take is not None \
+            and nowait_usable(self.store, "take_all", "reserve_all") \
+            and nowait_usable(self.store, "settle_taken_nowait", "settle_all_nowait") else None
+        self._settle_taken_all_nowait = self.store.settle_taken_all_nowait if self._take_all is not None \
+            and nowait_usable(self.store, "settle_taken_all_nowait", "settle_all_nowait", "commit", "refund") \
+            else None
         self.takes_later = self._take is not None
         self._settle_all_nowait = self.store.settle_all_nowait \
             if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
@@ -419,12 +425,12 @@ class QuotaEngine:
         return None if group is None else (plan, group)
 
     def take_later(self, project: str, demands: tuple[Demand, ...],
-                   plans: dict[str, _Plan]) -> tuple[_Plan, Awaitable[Taken | None]] | None:
+                   plans: dict[str, _Plan]) -> tuple[_Plan, Awaitable[Any]] | None:
         """``take_nowait`` for a store that must be awaited (``takes_later``: Redis, leases off):
-        the armed plan of one bucket, and the store's own awaitable of what it took (None when
-        refused: ask ``admit``, which answers the refusal; it raises StoreError: see
-        ``take_failed``). None: ask ``admit`` (a cold project, several buckets, metrics). Settle
-        with ``settle_taken``."""
+        the armed plan, and the store's own awaitable of what it took, a Taken for one bucket and a
+        list for several (None when refused: ask ``admit``, which answers the refusal; it raises
+        StoreError: see ``take_failed``). None: ask ``admit`` (a cold project, a window ending
+        mid-second, metrics). Settle with ``settle_taken``."""
         if self._take is None or self.metrics is not None:
             return None
         now = self.clock()
@@ -434,10 +440,14 @@ class QuotaEngine:
             if plan is None:
                 return None
         taking = plan.taking
-        if taking is None:
+        taken: Awaitable[Any] | None  # of a Taken (one bucket) or a list (several), as Hold holds
+        if taking is not None:
+            bucket, cost, limit, scale = taking
+            taken = self._take(bucket, cost, limit, self.lease_ms, scale)
+        elif plan.taking_all is not None and self._take_all is not None:
+            taken = self._take_all(plan.taking_all, self.lease_ms)
+        else:  # a charge made per request
             return None
-        bucket, cost, limit, scale = taking
-        taken = self._take(bucket, cost, limit, self.lease_ms, scale)
         return None if taken is None else (plan, taken)
 
     def take_failed(self, exc: StoreError, project: str, demands: tuple[Demand, ...],
@@ -513,8 +523,16 @@ class QuotaEngine:
                 _settle_failed(bucket, exc)
                 return ()
             return (reservation_of(bucket, cost, taken),)
+        claims = plan.taking_all or plan.claims
+        if self._settle_taken_all_nowait is not None:  # a store that must be awaited: one settlement
+            try:
+                if self._settle_taken_all_nowait(claims, taken, keep):
+                    return ()
+            except StoreError as exc:
+                _settle_failed(claims[0][0], exc)
+                return ()
         left: tuple[Reservation, ...] = ()
-        for (bucket, cost, _, _), each in zip(plan.taking_all or plan.claims, taken, strict=True):
+        for (bucket, cost, _, _), each in zip(claims, taken, strict=True):
             try:
                 if not self._settle_taken_nowait(bucket, cost, each[2], keep):
                     left += (reservation_of(bucket, cost, each),)

@@ -10,7 +10,18 @@ from typing import Any
 import fakeredis
 import pytest
 
-from middleware import Limit, MemoryStore, QuotaMiddleware, Quotas, QuotaSource, RedisStore, Rule, StaticSource, Window
+from middleware import (
+    Limit,
+    MemoryStore,
+    Period,
+    QuotaMiddleware,
+    Quotas,
+    QuotaSource,
+    RedisStore,
+    Rule,
+    StaticSource,
+    Window,
+)
 from middleware.stores.base import Bucket, Decision, Taken
 from middleware.testing import QuotaFixture
 from tests.conftest import FakeClock
@@ -228,3 +239,36 @@ async def test_on_redis_warm_requests_are_taken_in_plain_values_unless_reserve_i
             assert refused.status_code == 403 and refused.json()["code"] == 403
         assert calls == (["take"] if taken else ["reserve"]) * 7, calls
         await store.aclose()
+
+
+async def test_on_redis_several_buckets_are_taken_and_settled_as_one_group(clock: FakeClock) -> None:
+    # Several charges on Redis (leases off): one group operation to take them all (take_all) and one
+    # to settle them (settle_taken_all_nowait); a refusal by any bucket is answered the long way.
+    calls: list[str] = []
+
+    class CountingRedis(RedisStore):
+        def take_all(self, claims: Any, lease_ms: int) -> Any:
+            calls.append("take_all")
+            return super().take_all(claims, lease_ms)
+
+        def settle_taken_all_nowait(self, claims: Any, taken: Any, keep: bool) -> bool:
+            calls.append(f"settle {'kept' if keep else 'refunded'}")
+            return super().settle_taken_all_nowait(claims, taken, keep)
+
+    store = CountingRedis(fakeredis.FakeAsyncRedis(), clock=clock)
+    rules = [*RULES, Rule("POST", "/things", "things:rate", limit="3/minute"),
+             Rule("POST", "/fail", "things"), Rule("POST", "/fail", "things:rate", limit="3/minute")]
+    mw = QuotaMiddleware(inner_app(), rules=rules, store=store, clock=clock, source=StaticSource({"things": 10}))
+    async with client_for(mw) as client:
+        got = [(await client.post(path, headers=HEADERS)).status_code for path in ("/things", "/fail", "/things")]
+        third = await client.post("/things", headers=HEADERS)  # the minute's third: admitted
+        over = await client.post("/things", headers=HEADERS)  # the fourth: refused by the rate
+        await store.flush()
+        usage = [await store.usage(bucket) for bucket in
+                 (Bucket("p", "things"), Bucket("p", "things:rate", Period(60).window_at(clock())))]
+    assert got == [201, 409, 201] and third.status_code == 201 and over.status_code == 429
+    assert over.json()["code"] == 429 and "things:rate" in over.json()["description"]
+    assert usage == [3, 3]  # the failed creation used nothing, in either bucket
+    assert calls == ["take_all", "settle kept", "take_all", "settle refunded", "take_all", "settle kept",
+                     "take_all", "settle kept", "take_all"], calls
+    await store.aclose()

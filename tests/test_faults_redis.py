@@ -548,7 +548,7 @@ async def test_a_connection_closed_before_the_store_saw_it_is_replaced_once(
 
 # -- reservations nobody holds ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", ["one bucket", "take", "group"])
+@pytest.mark.parametrize("shape", ["one bucket", "take", "group", "group taken"])
 @pytest.mark.parametrize("how", ["timeout", "cancelled"])
 async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
         redis_proc: RedisServer, admin: aioredis.Redis, clock: FakeClock, how: str, shape: str) -> None:
@@ -563,6 +563,7 @@ async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
             reserving = asyncio.ensure_future(
                 store.reserve(BUCKET, 1, 10, 120_000) if shape == "one bucket" else
                 store.take(BUCKET, 1, 10, 120_000) if shape == "take" else
+                store.take_all(((BUCKET, 1, 10, 1), (MINUTE, 2, 10, 1)), 120_000) if shape == "group taken" else
                 store.reserve_all([Claim(BUCKET, 1, 10), Claim(MINUTE, 2, 10)], 120_000))
             if how == "cancelled":  # the client went away before the store's timeout
                 await asyncio.sleep(STORE_TIMEOUT / 3)
@@ -577,7 +578,7 @@ async def test_a_reservation_cut_off_by_a_paused_redis_is_given_back_promptly(
         await wait_for(lambda: _no_lease_left(admin), 5.0, "the reservation's give-back")
         assert await admin.get("quota:{p}:things:used") == b"0", "the reservation never reached Redis"
         assert await store.usage(BUCKET) == 0
-        if shape == "group":
+        if shape.startswith("group"):
             assert await store.usage(MINUTE) == 0
             assert await admin.zcard(_keys_of(MINUTE)[1]) == 0
             # The windowed counter keeps its expiry through the give-back.

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from middleware import Bucket, BucketUsage, Decision, MemoryStore, RedisStore, Store, StoreError
-from middleware.keys import commits_key, counter_keys
-from middleware.stores.base import WINDOW_GRACE_MS, Claim, Reservation, reservation_of
+from middleware.keys import commits_key, counter_keys, member_id
+from middleware.stores.base import WINDOW_GRACE_MS, Claim, Reservation, Taken, reservation_of
 from middleware.stores.memory import SWEEP_EVERY_MS
 from middleware.windows import Period
 from tests.conftest import FakeClock
@@ -257,21 +257,31 @@ async def test_a_taken_lease_expires_and_a_late_commit_counts_once(store: Store,
 
 async def test_a_group_taken_counts_like_one_reserved(store: Store) -> None:
     a, b = Bucket("p", "a"), Bucket("p", "b")
-    claims = [(a, 1, 2, 1), (b, 2, 10, 1)]  # plain tuples, as the engine passes them
-    first = store.take_all_nowait(claims, LEASE)
-    if first is None:  # a store that decides nothing in process: nothing held
+    # Plain tuples, as the engine passes them: a plan's very claims on every request.
+    claims = ((a, 1, 2, 1), (b, 2, 10, 1))
+
+    async def take() -> list[Taken] | None:
+        """take_all_nowait where the store decides in process, else take_all (awaited)."""
+        taken = store.take_all_nowait(claims, LEASE)
+        later = store.take_all(claims, LEASE) if taken is None else None
+        return taken if later is None else await later
+
+    first = await take()
+    if first is None:  # a store that takes nothing in plain values: nothing held
         assert [await store.usage(bucket) for bucket in (a, b)] == [0, 0]
         return
-    second = store.take_all_nowait(claims, LEASE)
+    second = await take()
     assert second is not None
     assert [(used, limit) for used, limit, _, _ in first + second] == [(1, 2), (2, 10), (2, 2), (4, 10)]
-    assert len({member for _, _, member, _ in first}) == 1  # one member for the group, as reserve_all
-    assert store.take_all_nowait(claims, LEASE) is None  # a is full: refused whole, b untouched
+    assert len({member_id(member) for _, _, member, _ in first}) == 1  # one id for the group, as reserve_all
+    assert await take() is None  # a is full: refused whole, b untouched
     assert [await store.usage(bucket) for bucket in (a, b)] == [2, 4]
     for taken, keep in ((first, True), (second, False)):
-        for (bucket, cost, _, _), (_, _, member, _) in zip(claims, taken, strict=True):
-            for _ in range(2):  # settled twice: counted once
-                assert store.settle_taken_nowait(bucket, cost, member, keep)
+        for _ in range(2):  # settled twice: counted once
+            if keep or not store.settle_taken_all_nowait(claims, taken, keep):  # at once, or bucket by bucket
+                for (bucket, cost, _, _), (_, _, member, _) in zip(claims, taken, strict=True):
+                    assert store.settle_taken_nowait(bucket, cost, member, keep)
+    await store.flush()
     assert [await store.usage(bucket) for bucket in (a, b)] == [1, 2]
 
 

@@ -196,10 +196,21 @@ class Store(ABC):
         """
         return None
 
+    def take_all(self, claims: Sequence[ClaimLike], lease_ms: int) -> Awaitable[list[Taken] | None] | None:
+        """``reserve_all`` in plain values, for a store that must be awaited: ``take`` for several
+        buckets at once, all or nothing (an awaitable of a Taken per claim, or of None when refused:
+        nothing held). None: not offered. Settle each with ``settle_taken_nowait``."""
+        return None
+
     def take_all_nowait(self, claims: Sequence[ClaimLike], lease_ms: int) -> list[Taken] | None:
         """``reserve_all_nowait``'s admission as plain values, one Taken per claim; None: refused
         (nothing held), or not decidable in process. Settle each with ``settle_taken_nowait``."""
         return None
+
+    def settle_taken_all_nowait(self, claims: Sequence[ClaimLike], taken: Sequence[Taken], keep: bool) -> bool:
+        """Settle what ``take_all`` took for ``claims`` (the very claims it was given) at once; False:
+        nothing done, settle each with ``settle_taken_nowait``."""
+        return False
 
     def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
         """``settle_nowait`` of what ``take_nowait`` admitted (its member); False: nothing done,

@@ -56,6 +56,7 @@ from .base import (
     Bucket,
     BucketUsage,
     Claim,
+    ClaimLike,
     Decision,
     Reservation,
     SharedPart,
@@ -117,11 +118,12 @@ class _Op(NamedTuple):
     future: asyncio.Future[Any] | None
     #: Settlements are sent again until Redis applies them (each is idempotent); since when.
     retry_since: float | None = None
-    #: A reserve's bucket: its future is answered with the Decision itself. None for a take
-    #: (see RedisStore.take): answered in plain values.
+    #: A reserve's bucket: its future is answered with the Decision itself.
     bucket: Bucket | None = None
     #: A group's buckets (kind GROUP; member is the group's id): answered with their Decisions.
     group: _Group | None = None
+    #: A take (see RedisStore.take and take_all): answered in plain values instead.
+    plain: bool = False
 
 
 class _Group(NamedTuple):
@@ -152,7 +154,7 @@ def _op(prefix: str, bucket: Bucket, kind: str, amount: int, limit: int, member:
         tail = f"{expires} {scale} {field}"
     # tuple.__new__: a named tuple's own constructor is a Python function; two or more per request.
     return tuple.__new__(_Op, (keys, kind, member or "-", amount, limit, lease_until, tail, future, retry_since,
-                               bucket if kind == RESERVE and not taking else None, None))
+                               bucket if kind == RESERVE else None, None, taking))
 
 
 def _refused(claim: Claim, decision: Decision | None) -> Decision:
@@ -172,7 +174,7 @@ def _reserved(op: _Op, flag: int, used: int, limit: int) -> Decision:
                                                                                  op.lease_until))))
 
 
-def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
+def _group_of(prefix: str, claims: Sequence[ClaimLike]) -> _Group:
     """The claims of one request as a group operation's parts: formatted once, sent for each request."""
     keys: list[str] = []
     parts: list[str] = []
@@ -182,8 +184,8 @@ def _group_of(prefix: str, claims: Sequence[Claim]) -> _Group:
         keys += bucket_keys
         parts.append(f"{cost} {limit} {expires} {scale} {field}")
         settling.append(f"{cost} {expires}")
-    return _Group(tuple(keys), tuple(c.bucket for c in claims), tuple(c.cost for c in claims),
-                  tuple(member("", c.cost) for c in claims), f"{len(claims)} {';'.join(parts)}",
+    return _Group(tuple(keys), tuple(c[0] for c in claims), tuple(c[1] for c in claims),
+                  tuple(member("", c[1]) for c in claims), f"{len(claims)} {';'.join(parts)}",
                   f"{len(claims)} {';'.join(settling)}")
 
 
@@ -296,21 +298,37 @@ class RedisStore(Store, SharedState):
         if self._cluster and len({self._slot(claim.bucket) for claim in claims}) > 1:
             return self._reserve_slot_by_slot(claims, lease_ms)
         # One operation for the group, answered with every decision at once (see _send).
-        # The engine passes a plan's very claims on every request of the plan: their keys and
-        # fields are formatted once (looked up by identity, which costs no hashing of the claims).
-        known = self._groups.get(id(claims))
-        if known is not None and known[0] is claims:
-            group = known[1]
-        else:
-            group = _group_of(self.prefix, claims)
-            if isinstance(claims, tuple):  # a plan's (a list is made for one call: not kept)
-                if len(self._groups) >= MAX_GROUPS:
-                    self._groups.clear()
-                self._groups[id(claims)] = (claims, group)  # holding the claims: their id stays theirs
+        group = self._group(claims)
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
         self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
-                                          "", future, None, None, group)))
+                                          "", future, None, None, group, False)))
         return future
+
+    def take_all(self, claims: Sequence[ClaimLike], lease_ms: int) -> asyncio.Future[list[Taken] | None] | None:
+        """``reserve_all`` answered in plain values (see Store.take_all): one operation, whose future
+        _send answers with a Taken per claim, or None when refused. None: claims of several hash
+        slots on a cluster (reserve_all reserves them slot by slot)."""
+        if not claims or self._cluster and len({self._slot(claim[0]) for claim in claims}) > 1:
+            return None
+        group = self._group(claims)
+        future: asyncio.Future[list[Taken] | None] = asyncio.get_running_loop().create_future()
+        self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
+                                          "", future, None, None, group, True)))
+        return future
+
+    def _group(self, claims: Sequence[ClaimLike]) -> _Group:
+        """The claims as a group operation's parts. The engine passes a plan's very claims on every
+        request of the plan: their keys and fields are formatted once (looked up by identity, which
+        costs no hashing of the claims)."""
+        known = self._groups.get(id(claims))
+        if known is not None and known[0] is claims:
+            return known[1]
+        group = _group_of(self.prefix, claims)
+        if isinstance(claims, tuple):  # a plan's (a list is made for one call: not kept)
+            if len(self._groups) >= MAX_GROUPS:
+                self._groups.clear()
+            self._groups[id(claims)] = (claims, group)  # holding the claims: their id stays theirs
+        return group
 
     async def _reserve_one(self, claim: Claim, lease_ms: int) -> list[Decision]:
         return [await self.reserve(claim.bucket, claim.cost, claim.limit, lease_ms, claim.scale)]
@@ -369,6 +387,13 @@ class RedisStore(Store, SharedState):
                           retry_since=time.monotonic()))
         return True
 
+    def settle_taken_all_nowait(self, claims: Sequence[ClaimLike], taken: Sequence[Taken], keep: bool) -> bool:
+        """What ``take_all`` took, settled in one operation (as settle_all_nowait settles a group)."""
+        group = self._group(claims)
+        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, member_id(taken[0][2]),
+                                          0, 0, 0, "", None, time.monotonic(), None, group, False)))
+        return True
+
     def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
         """A group's reservations, settled in one operation (sent again until Redis applies it: each
         bucket's settlement is idempotent). False for reservations of no group this store holds
@@ -378,7 +403,7 @@ class RedisStore(Store, SharedState):
         if group is None or len(group.costs) != len(reservations):
             return False
         self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, "",
-                                          None, time.monotonic(), None, group)))
+                                          None, time.monotonic(), None, group, False)))
         return True
 
     async def release(self, bucket: Bucket, cost: int) -> int:
@@ -556,7 +581,7 @@ class RedisStore(Store, SharedState):
         lines: list[str] = []
         index = 1  # of the next span's first key in KEYS
         answers = 0  # three per operation; per bucket, for a group
-        for op_keys, kind, name, amount, limit, lease_until, tail, _, _, _, group in ops:
+        for op_keys, kind, name, amount, limit, lease_until, tail, _, _, _, group, _ in ops:
             key = op_keys[0] if group is None else op_keys
             at = first.get(key)
             if at is None:
@@ -615,7 +640,7 @@ class RedisStore(Store, SharedState):
                     self._enqueue(self._give_back(op)[0])
             elif op.kind == RESERVE:
                 if not op.future.done():
-                    op.future.set_result(_reserved(op, flag, used, limit) if op.bucket is not None
+                    op.future.set_result(_reserved(op, flag, used, limit) if not op.plain  # else a take:
                                          else (used, limit, op.member, op.lease_until) if flag == 1 else None)
             elif not op.future.done():
                 op.future.set_result((flag, used, limit))
@@ -647,7 +672,10 @@ class RedisStore(Store, SharedState):
                 for refund in self._give_back(op):
                     self._enqueue(refund)
         elif not future.done():
-            if admitted:
+            if op.plain:  # a take (see take_all): plain values, settled bucket by bucket
+                future.set_result([(answers[3 * i + 1], answers[3 * i + 2], op.member + group.suffixes[i],
+                                    op.lease_until) for i in range(len(flags))] if admitted else None)
+            elif admitted:
                 group_id, lease_until = op.member, op.lease_until
                 if len(self._held) >= MAX_GROUPS:
                     self._held.clear()  # their reservations are then settled one by one
