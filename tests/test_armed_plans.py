@@ -10,20 +10,10 @@ from typing import Any
 import fakeredis
 import pytest
 
-from middleware import (
-    Limit,
-    MemoryStore,
-    Period,
-    QuotaMiddleware,
-    Quotas,
-    QuotaSource,
-    RedisStore,
-    Rule,
-    StaticSource,
-    Window,
-)
+from middleware import Limit, MemoryStore, QuotaMiddleware, Quotas, QuotaSource, RedisStore, Rule, StaticSource, Window
 from middleware.stores.base import Bucket, Decision, Taken
 from middleware.testing import QuotaFixture
+from middleware.windows import Period
 from tests.conftest import FakeClock
 from tests.test_middleware import HEADERS, client_for, inner_app
 
