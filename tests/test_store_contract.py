@@ -294,35 +294,6 @@ async def test_flush_applies_handed_over_settlements(store: Store) -> None:
     assert await store.usage(B) == 5
 
 
-async def test_settlements_of_one_tick_count_exactly_in_several_buckets(store: Store, clock: FakeClock) -> None:
-    # The Redis store sends the settlements of one bucket handed over before its next call as one
-    # operation: kept and refunded ones, some twice (counted once), a late one (its lease expired:
-    # counted again, once), beside another bucket's, and beside new reservations.
-    other = Bucket("project-a", "other")
-    held = [d.reservation for d in await asyncio.gather(*(store.reserve(bucket, 2, 100, LEASE)
-                                                          for bucket in (B, other) * 4))]
-    assert all(held)
-    clock.advance(LEASE / 1000 / 2)
-    late = (await store.reserve(B, 3, 100, LEASE)).reservation
-    assert late is not None
-    clock.advance(LEASE / 1000 / 2 + 0.001)  # the first eight leases have expired, not the late one
-    assert await store.usage(B) == 3 and await store.usage(other) == 0
-    for i, reservation in enumerate(held):
-        assert reservation is not None
-        for _ in range(2):  # each twice: counted once
-            if not store.settle_nowait(reservation, keep=i < 4):
-                await (store.commit(reservation) if i < 4 else store.refund(reservation))
-    if not store.settle_nowait(late, keep=True):
-        await store.commit(late)
-    reserving = store.reserve(other, 1, 100, LEASE)  # in the same call as the settlements, on Redis
-    assert (await reserving).admitted
-    await store.flush()
-    # Kept after their leases expired: counted again (B: two of 2, other: two of 2); refunded after
-    # expiry: nothing; the late one kept in time: 3; the new one held: 1.
-    assert await store.usage(B) == 2 * 2 + 3
-    assert await store.usage(other) == 2 * 2 + 1
-
-
 # -- windows, metering, seeding -------------------------------------------------------------------
 
 def windowed(clock: FakeClock, seconds: float = 60) -> Bucket:

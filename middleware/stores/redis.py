@@ -90,9 +90,6 @@ RESERVE, COMMIT, REFUND, RELEASE, USAGE = "r", "c", "f", "l", "u"
 #: A reserve in several buckets at once, all or nothing: one operation (see _Group); and the
 #: commit or refund of every reservation it made, one operation too.
 GROUP, COMMIT_GROUP, REFUND_GROUP = "G", "C", "F"
-#: The commits (or refunds) of several reservations of one bucket, one operation (see
-#: settle_taken_nowait): their members, comma-separated, each ending in its cost.
-COMMIT_MANY, REFUND_MANY = "M", "N"
 RESERVING = (RESERVE, GROUP)
 SET_USAGE, COMMITS, METER, CHARGE, SEED = "s", "k", "m", "a", "x"
 #: The operations an operator's override applies to.
@@ -258,8 +255,6 @@ class RedisStore(Store, SharedState):
         self._generation = 0
         self._last_read: asyncio.Future[None] | None = None
         self._queue: list[_Op] = []
-        #: Settlements handed over since the last call, by bucket: members kept, members refunded.
-        self._settling: dict[Bucket, tuple[list[str], list[str]]] = {}
         self._groups: dict[int, tuple[Sequence[Claim], _Group]] = {}
         #: Admitted groups not settled yet, by id (see settle_all_nowait).
         self._held: dict[str, _Group] = {}
@@ -387,19 +382,9 @@ class RedisStore(Store, SharedState):
         return self.settle_taken_nowait(reservation.bucket, reservation.cost, reservation.member, keep)
 
     def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
-        """settle_nowait of what ``take`` admitted (its member). The settlements of one bucket
-        handed over before the next call travel as one operation (see _take): a request's own
-        operation would cost as much again as its reservation."""
-        if not member.endswith(f":{cost}") or "," in member:  # not one of ours (see keys.member): on its own
-            self._enqueue(_op(self.prefix, bucket, COMMIT if keep else REFUND, cost, 0, member,
-                              retry_since=time.monotonic()))
-            return True
-        settling = self._settling.get(bucket)
-        if settling is None:
-            settling = self._settling[bucket] = ([], [])
-            if self._worker is None or self._worker.done():
-                self._worker = asyncio.get_running_loop().create_task(self._drain())
-        settling[0 if keep else 1].append(member)
+        """settle_nowait of what ``take`` admitted (its member)."""
+        self._enqueue(_op(self.prefix, bucket, COMMIT if keep else REFUND, cost, 0, member,
+                          retry_since=time.monotonic()))
         return True
 
     def settle_taken_all_nowait(self, claims: Sequence[ClaimLike], taken: Sequence[Taken], keep: bool) -> bool:
@@ -554,33 +539,25 @@ class RedisStore(Store, SharedState):
         # Started with create_task, so it first runs after the current tick: everything enqueued
         # in that tick, and during each round trip, travels together.
         if self._cluster:
-            while self._queue or self._settling:
+            while self._queue:
                 batch = self._take(MAX_BATCH)
                 await asyncio.gather(*(self._send_bounded(group) for group in self._by_slot(batch)))
             return
         if self.pipeline == 1:  # one call at a time: no task of its own per call
-            while self._queue or self._settling:
+            while self._queue:
                 await self._send(self._take(MAX_BATCH))
             return
         loop = asyncio.get_running_loop()
         in_flight: set[asyncio.Task[None]] = set()
-        while self._queue or self._settling or in_flight:
-            if (self._queue or self._settling) and len(in_flight) < self.pipeline:
-                waiting = len(self._queue) + 2 * len(self._settling)
-                size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-waiting // self.pipeline))
+        while self._queue or in_flight:
+            if self._queue and len(in_flight) < self.pipeline:
+                size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // self.pipeline))
                 in_flight.add(loop.create_task(self._send(self._take(size))))
                 continue
             _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
 
     def _take(self, size: int) -> list[_Op]:
-        """The next ``size`` operations, for one call: the settlements handed over first."""
-        if self._settling:
-            since = time.monotonic()
-            settlements = [_op(self.prefix, bucket, kind, 0, 0, ",".join(members), retry_since=since)
-                           for bucket, pair in self._settling.items()
-                           for kind, members in zip((COMMIT_MANY, REFUND_MANY), pair, strict=True) if members]
-            self._settling.clear()
-            self._queue[:0] = settlements
+        """The next ``size`` operations, for one call."""
         batch, self._queue = self._queue[:size], self._queue[size:]
         return batch
 

@@ -18,9 +18,7 @@
 --       KEYS from the index, five each. Its settlement is one operation too: "<index> C <id> <n>
 --       <amount key-expiry>;..." commits every bucket's lease as c would, F refunds them as f.
 -- Kinds: r reserve, G reserve in several buckets, all or nothing (below), C / F commit / refund
---        every bucket of a group, M / N commit / refund several reservations of one bucket (the
---        member field: their members, comma-separated; each one's cost is its member's suffix;
---        answered once), c commit, f refund
+--        every bucket of a group, c commit, f refund
 --        (with a lease expiry: the give-back of a reservation nobody holds, which takes only that
 --        very lease), l release, u usage, s set usage (member: '-', or the commit total read
 --        before the true usage was, whose commits since are added), k commit total, m metering
@@ -248,16 +246,6 @@ local function run(line)
     string.match(line, '^(%d+) (%a) (%S*) (%-?%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
   if not kind then final('malformed operation ' .. tostring(line)) end
   k = tonumber(k)
-  if kind == 'M' or kind == 'N' then
-    -- Several commits (M) or refunds (N) of one bucket, each as c or f would (each is idempotent:
-    -- the whole is sent again if it fails). Answered once: flag 1, usage 0.
-    local each = kind == 'M' and 'c' or 'f'
-    for m in string.gmatch(member, '[^,]+') do
-      apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], each, m, lease_cost(m), 0, 0, tonumber(at))
-    end
-    answer(1, 0, 0)
-    return
-  end
   limit = tonumber(limit)
   if kind == 'r' or kind == 'm' then limit = effective(KEYS[k + 3], field, tonumber(scale), limit) end
   local flag, used = apply(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 4], kind, member,
