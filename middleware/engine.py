@@ -244,8 +244,8 @@ class QuotaEngine:
             and nowait_usable(self.store, "take_all", "reserve_all") \
             and nowait_usable(self.store, "settle_taken_nowait", "settle_all_nowait") else None
         self._settle_taken_all_nowait = self.store.settle_taken_all_nowait if self._take_all is not None \
-            and nowait_usable(self.store, "settle_taken_all_nowait", "settle_all_nowait", "commit", "refund") \
-            else None
+            and nowait_usable(self.store, "settle_taken_all_nowait", "settle_taken_nowait", "settle_all_nowait",
+                              "settle_nowait", "commit", "refund") else None
         self.takes_later = self._take is not None
         self._settle_all_nowait = self.store.settle_all_nowait \
             if nowait_usable(self.store, "settle_all_nowait", "settle_nowait", "commit", "refund") else _not_settled
@@ -486,13 +486,16 @@ class QuotaEngine:
         plan.taking = plan.taking_all = None
         # Taken in plain values (take_nowait) when its charges hold for the rest of the second (a
         # window ending mid-second has its charges made per request). Plain tuples: unpacking a
-        # named tuple (a Claim) goes the slow way, through an iterator.
+        # named tuple (a Claim) goes the slow way, through an iterator. Made once per plan: the
+        # very same tuple every second (the Redis store keeps its group by the claims' identity).
         if plan.until == INF or plan.second == now // 1:
-            claims = [(bucket, cost, limit, scale) for bucket, cost, limit, scale in plan.claims]
-            if len(claims) == 1:
-                plan.taking = claims[0]
+            plain = plan.plain
+            if plain is None:
+                plain = plan.plain = tuple([(bucket, cost, limit, scale) for bucket, cost, limit, scale in plan.claims])
+            if len(plain) == 1:
+                plan.taking = plain[0]
             else:
-                plan.taking_all = tuple(claims)
+                plan.taking_all = plain
         if len(plans) >= self._cache_size:  # bounded, as _plans is
             plans.clear()
         plans[project] = plan
@@ -1000,6 +1003,8 @@ class _Plan:
     taking: tuple[Bucket, int, int, int] | None = None
     #: Its claims, when it has several, as take_nowait takes them; None: not taken.
     taking_all: tuple[tuple[Bucket, int, int, int], ...] | None = None
+    #: Its claims as plain tuples, made the first time it is armed to be taken.
+    plain: tuple[tuple[Bucket, int, int, int], ...] | None = None
 
     def charges(self, now: float) -> tuple[Charge, ...]:
         if self.until == INF:  # count quotas only: the same charges for every request

@@ -262,3 +262,40 @@ async def test_on_redis_several_buckets_are_taken_and_settled_as_one_group(clock
     assert calls == ["take_all", "settle kept", "take_all", "settle refunded", "take_all", "settle kept",
                      "take_all", "settle kept", "take_all"], calls
     await store.aclose()
+
+
+async def test_on_redis_a_subclass_auditing_settle_taken_nowait_sees_every_bucket_settled(clock: FakeClock) -> None:
+    # The group settlement stands for settle_taken_nowait (and settle_nowait) too: a subclass that
+    # overrides those must see each bucket's, as before the group path existed.
+    seen: list[str] = []
+
+    class Audited(RedisStore):
+        def settle_taken_nowait(self, bucket: Bucket, cost: int, member: str, keep: bool) -> bool:
+            seen.append(bucket.resource)
+            return super().settle_taken_nowait(bucket, cost, member, keep)
+
+    store = Audited(fakeredis.FakeAsyncRedis(), clock=clock)
+    rules = [*RULES, Rule("POST", "/things", "things:rate", limit="100/minute")]
+    mw = QuotaMiddleware(inner_app(), rules=rules, store=store, clock=clock, source=StaticSource({"things": 10}))
+    async with client_for(mw) as client:
+        assert (await client.post("/things", headers=HEADERS)).status_code == 201
+        await store.flush()
+        assert await store.usage(Bucket("p", "things")) == 1
+    assert sorted(seen) == ["things", "things:rate"]
+    await store.aclose()
+
+
+async def test_on_redis_a_plans_group_is_formatted_once_however_often_it_is_armed(clock: FakeClock) -> None:
+    # A plan is armed again every second; its claims stay the very same tuple, which the Redis
+    # store keeps its formatted group by (an entry per arming would fill and clear that table).
+    store = RedisStore(fakeredis.FakeAsyncRedis(), clock=clock)
+    rules = [*RULES, Rule("POST", "/things", "things:rate", limit="1000/minute")]
+    mw = QuotaMiddleware(inner_app(), rules=rules, store=store, clock=clock, source=StaticSource({"things": 1000}))
+    async with client_for(mw) as client:
+        for _ in range(5):
+            assert (await client.post("/things", headers=HEADERS)).status_code == 201
+            clock.advance(1)
+        await store.flush()
+        assert await store.usage(Bucket("p", "things")) == 5
+    assert len(store._groups) == 1
+    await store.aclose()
