@@ -433,12 +433,9 @@ class QuotaEngine:
         mid-second, metrics). Settle with ``settle_taken``."""
         if self._take is None or self.metrics is not None:
             return None
-        now = self.clock()
-        plan = plans.get(project)  # _armed_plan, written out: every warm request comes here
-        if plan is None or not now < plan.armed_until:
-            plan = self._arm(project, demands, plans, now)
-            if plan is None:
-                return None
+        plan = self._armed_plan(project, demands, plans, self.clock())
+        if plan is None:
+            return None
         taking = plan.taking
         taken: Awaitable[Any] | None  # of a Taken (one bucket) or a list (several), as Hold holds
         if taking is not None:

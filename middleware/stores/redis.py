@@ -298,11 +298,7 @@ class RedisStore(Store, SharedState):
         if self._cluster and len({self._slot(claim.bucket) for claim in claims}) > 1:
             return self._reserve_slot_by_slot(claims, lease_ms)
         # One operation for the group, answered with every decision at once (see _send).
-        group = self._group(claims)
-        future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
-        self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
-                                          "", future, None, None, group, False)))
-        return future
+        return self._reserve_group(claims, lease_ms, False)
 
     def take_all(self, claims: Sequence[ClaimLike], lease_ms: int) -> asyncio.Future[list[Taken] | None] | None:
         """``reserve_all`` answered in plain values (see Store.take_all): one operation, whose future
@@ -310,10 +306,15 @@ class RedisStore(Store, SharedState):
         slots on a cluster (reserve_all reserves them slot by slot)."""
         if not claims or self._cluster and len({self._slot(claim[0]) for claim in claims}) > 1:
             return None
+        return self._reserve_group(claims, lease_ms, True)
+
+    def _reserve_group(self, claims: Sequence[ClaimLike], lease_ms: int, plain: bool) -> asyncio.Future[Any]:
+        """Enqueue the claims' group operation; its future is answered with their Decisions, or
+        (``plain``: a take) their Taken values or None (see _answer_group)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         group = self._group(claims)
-        future: asyncio.Future[list[Taken] | None] = asyncio.get_running_loop().create_future()
         self._enqueue(tuple.__new__(_Op, (group.keys, GROUP, new_id(), 0, 0, int(self._clock() * 1000) + lease_ms,
-                                          "", future, None, None, group, True)))
+                                          "", future, None, None, group, plain)))
         return future
 
     def _group(self, claims: Sequence[ClaimLike]) -> _Group:
@@ -389,10 +390,14 @@ class RedisStore(Store, SharedState):
 
     def settle_taken_all_nowait(self, claims: Sequence[ClaimLike], taken: Sequence[Taken], keep: bool) -> bool:
         """What ``take_all`` took, settled in one operation (as settle_all_nowait settles a group)."""
-        group = self._group(claims)
-        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, member_id(taken[0][2]),
-                                          0, 0, 0, "", None, time.monotonic(), None, group, False)))
+        self._settle_group(self._group(claims), member_id(taken[0][2]), keep)
         return True
+
+    def _settle_group(self, group: _Group, group_id: str, keep: bool) -> None:
+        """Hand over the settlement of a group's every reservation: one operation, sent again
+        until Redis applies it (each bucket's settlement is idempotent)."""
+        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, "",
+                                          None, time.monotonic(), None, group, False)))
 
     def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
         """A group's reservations, settled in one operation (sent again until Redis applies it: each
@@ -402,8 +407,7 @@ class RedisStore(Store, SharedState):
         group = self._held.pop(group_id, None)
         if group is None or len(group.costs) != len(reservations):
             return False
-        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, "",
-                                          None, time.monotonic(), None, group, False)))
+        self._settle_group(group, group_id, keep)
         return True
 
     async def release(self, bucket: Bucket, cost: int) -> int:
