@@ -8,6 +8,11 @@
   calibration (not a product: no store, no leases, no validation): match the route, read the
   project header, check and count in a dict, add one header to the answer, watch the status to
   take a failed creation back. Its ratio to bare is about the most a quota middleware can reach.
+- ``awaited_app``: the same app behind the least any store awaited per request does, for
+  calibration (not a product): every ``POST`` waits for one Redis round trip, a ``PING`` shared by
+  all the requests waiting at the time, on one raw connection to ``REDIS_URL`` (no operation, no
+  command encoder, no reply parser). Its ratio to bare is about the most Redis without local
+  leases can reach: what suspending a request mid-flight, and resuming it, costs in a real server.
 - ``memory_app``: the same app in QuotaMiddleware with the embedded default store (MemoryStore),
   one rule on ``POST /v1/secrets`` and ``StaticSource({"secrets": QUOTA_LIMIT})``.
 - ``guarded_app``: the same on ``RedisStore(REDIS_URL)``; with ``QUOTA_LOCAL_LEASES=1``, local
@@ -29,9 +34,11 @@ the middleware's public API.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -106,6 +113,49 @@ class MinimalCounting:
                 self.used[project] -= 1
 
 
+class AwaitingRoundTrip:
+    """See ``awaited_app`` above."""
+
+    def __init__(self, app: Any, redis_url: str) -> None:
+        self.app = app
+        url = urlsplit(redis_url)
+        self.address = (url.hostname or "127.0.0.1", url.port or 6379)
+        self.waiting: list[asyncio.Future[None]] = []
+        self.drain: asyncio.Task[None] | None = None
+        self.connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append(future)
+        if self.drain is None or self.drain.done():
+            self.drain = loop.create_task(self._drain())
+        await future
+        await self.app(scope, receive, send)
+
+    async def _drain(self) -> None:
+        # As RedisStore batches: what waits when a round trip starts shares it.
+        while self.waiting:
+            batch, self.waiting = self.waiting, []
+            try:
+                if self.connection is None:
+                    self.connection = await asyncio.open_connection(*self.address)
+                reader, writer = self.connection
+                writer.write(b"PING\r\n")
+                if await reader.readexactly(7) != b"+PONG\r\n":
+                    raise ConnectionError("Redis did not answer PING with +PONG")
+            except (OSError, asyncio.IncompleteReadError) as exc:  # every waiting request hears of it
+                self.connection = None
+                for future in batch:
+                    future.set_exception(ConnectionError(f"Redis round trip failed: {exc!r}"))
+                continue
+            for future in batch:
+                future.set_result(None)
+
+
 def _limit() -> int:
     return int(os.environ.get("QUOTA_LIMIT", "-1"))
 
@@ -173,6 +223,7 @@ _built: dict[str, Any] = {}
 
 def __getattr__(name: str) -> Any:  # PEP 562: build the guarded apps only when asked for
     builders = {"guarded_app": lambda: build_guarded_app(_redis_url(name)), "memory_app": build_memory_app,
+                "awaited_app": lambda: AwaitingRoundTrip(build_app(), _redis_url(name)),
                 "charges_app": build_charges_app}
     if name not in builders:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

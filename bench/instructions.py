@@ -27,7 +27,7 @@ What it does not see:
   and second (the ``leases-on`` figure pays Redis round trips many times more often than a
   real server does) and batched script calls gather fewer requests each (``leases-off``).
 
-Targets (``--targets``): ``bare``, ``null``, ``minimal``, ``memory``, ``leases-on``, ``leases-off``
+Targets (``--targets``): ``bare``, ``null``, ``minimal``, ``awaited``, ``memory``, ``leases-on``, ``leases-off``
 (POST /v1/secrets on throughput.py's servers, limit -1), ``bare-health`` and ``unguarded`` (GET
 /health on bare and on leases-off). ``--charges``: charges.py's ``charges_app`` on the memory
 store and on Redis (leases off), 1 and 3 buckets, limit 10**12. Needs valgrind (Debian's
@@ -80,6 +80,7 @@ TARGETS = {t.name: t for t in [
     Target("bare", "bare_app"),
     Target("null", "null_app"),
     Target("minimal", "minimal_app"),
+    Target("awaited", "awaited_app", redis=True),
     Target("memory", "memory_app"),
     Target("leases-on", "guarded_app", env={"QUOTA_LOCAL_LEASES": "1"}, redis=True),
     Target("leases-off", "guarded_app", env={"QUOTA_LOCAL_LEASES": "0"}, redis=True),
@@ -195,7 +196,7 @@ def main() -> int:
             base = counted.get(target.baseline)
             ratio = f"{base / counted[name]:.3f}" if base and name != target.baseline else ""
             extra = f"{counted[name] - base:+,.0f}" if base and name != target.baseline else ""
-            calibration = name in ("bare", "null", "minimal") or target.route is not CREATE
+            calibration = name in ("bare", "null", "minimal", "awaited") or target.route is not CREATE
             minimal = None if calibration else counted.get("minimal")
             print(f"  {name:12s} {counted[name]:>11,.0f}  {extra:>9s}  {ratio:>6s}"
                   f"{f'  ({minimal / counted[name]:.3f} of minimal)' if minimal else ''}", flush=True)

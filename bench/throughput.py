@@ -12,6 +12,7 @@ default, what ``uvicorn[standard]`` runs in production; ``--server h11`` for asy
     bare        bare_app          the Starlette app: parse the JSON body, answer 201
     null        null_app          the app behind a pure ASGI pass-through
     minimal     minimal_app       the app behind a dict counter, a limit check and one header
+    awaited     awaited_app       the app behind one batched Redis round trip per request (a PING)
     memory      memory_app        QuotaMiddleware, the embedded default store (MemoryStore)
     leases-on   guarded_app       QuotaMiddleware, RedisStore + local leases (QUOTA_LOCAL_LEASES=1)
     leases-off  guarded_app       QuotaMiddleware, RedisStore only, batched script calls
@@ -22,6 +23,7 @@ target alike:
     bare         POST /v1/secrets on bare        the baseline
     null         POST /v1/secrets on null        what being wrapped at all costs
     minimal      POST /v1/secrets on minimal     calibration: about the most a quota middleware reaches
+    awaited      POST /v1/secrets on awaited     calibration: about the most leases off can reach
     memory       POST /v1/secrets on memory
     leases-on    POST /v1/secrets on leases-on   goal >= 0.90x bare
     leases-off   POST /v1/secrets on leases-off  goal >= 0.75x bare
@@ -95,6 +97,8 @@ HERE = Path(__file__).resolve().parent
 #: LeasingStore's default block_seconds plus a margin: after this, every block of a phase is settled.
 SETTLE_WAIT = 1.4
 CALIBRATION = "minimal"
+#: The floor of a store awaited per request: the Redis targets are also compared with it.
+FLOOR = "awaited"
 
 
 @dataclass
@@ -102,7 +106,7 @@ class Server:
     name: str
     app: str
     env: dict[str, str]
-    redis: str | None = None  # the name of its redis-server (guarded servers on Redis only)
+    redis: str | None = None  # the name of its redis-server (the servers on Redis only)
     port: int = 0
     proc: subprocess.Popen[Any] | None = None
 
@@ -130,6 +134,7 @@ SERVERS = {
     "bare": Server("bare", "bare_app", {}),
     "null": Server("null", "null_app", {}),
     "minimal": Server("minimal", "minimal_app", {}),
+    "awaited": Server("awaited", "awaited_app", {}, redis="awaited"),
     "memory": Server("memory", "memory_app", {}),
     "leases-on": Server("leases-on", "guarded_app", {"QUOTA_LOCAL_LEASES": "1"}, redis="leases-on"),
     "leases-off": Server("leases-off", "guarded_app", {"QUOTA_LOCAL_LEASES": "0"}, redis="leases-off"),
@@ -141,6 +146,7 @@ def all_targets() -> list[Target]:
         Target("bare", "bare", CREATE),
         Target("null", "null", CREATE, baseline="bare"),
         Target(CALIBRATION, "minimal", CREATE, baseline="bare"),
+        Target("awaited", "awaited", CREATE, baseline="bare"),
         Target("memory", "memory", CREATE, baseline="bare", goal=0.90),
         Target("leases-on", "leases-on", CREATE, baseline="bare", goal=0.90),
         Target("leases-off", "leases-off", CREATE, baseline="bare", goal=0.70),
@@ -290,6 +296,8 @@ def measure(procs: Procs, tmp: Path, args: argparse.Namespace, workers: int, tar
 
     committed = {}
     for name, t in guarded.items():
+        if name == "awaited":  # a PING per round trip: nothing counted
+            continue
         client = redises[name].client
         used = sum(int(client.get(k) or 0) for k in client.scan_iter(match="quota:*:used", count=1000))
         committed[name] = (used, t.requests + t.warm_requests + t.latency_requests)
@@ -308,6 +316,7 @@ class Row:
     paired: float | None = None  # median of per-round ratios to the baseline
     added_cpu: float | None = None  # median of per-round worker CPU differences to the baseline
     vs_minimal: float | None = None  # median of per-round ratios to minimal
+    vs_floor: float | None = None  # median of per-round ratios to awaited (the Redis targets)
 
 
 def row(phase: Phase, t: Target) -> Row:
@@ -320,6 +329,9 @@ def row(phase: Phase, t: Target) -> Row:
     calibration = phase.target(CALIBRATION)
     if calibration is not None and t.route == calibration.route and t is not calibration:
         out.vs_minimal = paired_ratio(t.rps, calibration.rps)
+    floor = phase.target(FLOOR)
+    if floor is not None and SERVERS[t.server].redis and t.route == floor.route and t is not floor:
+        out.vs_floor = paired_ratio(t.rps, floor.rps)
     return out
 
 
@@ -415,7 +427,8 @@ def report_summary(phases: list[Phase], args: argparse.Namespace) -> None:
           f"{args.duration} s; ratio to the baseline (of the medians / paired), paired ratio to {CALIBRATION}")
     head = f"{'target':<12} {'baseline':<12}"
     for c in cols:
-        head += f" | {c + ' req/s':>15} {'CPU us':>7} {'+CPU':>6} {'ratio':>6} {'paired':>6} {'/minimal':>8} {'met':>4}"
+        head += (f" | {c + ' req/s':>15} {'CPU us':>7} {'+CPU':>6} {'ratio':>6} {'paired':>6} {'/minimal':>8}"
+                 f" {'/awaited':>8} {'met':>4}")
     print(head + " | goal")
     for t0 in phases[0].targets:
         line = f"{t0.name:<12} {t0.baseline or '':<12}"
@@ -425,9 +438,10 @@ def report_summary(phases: list[Phase], args: argparse.Namespace) -> None:
             r = row(p, t)
             ok = met(t.goal, r.ratio, r.paired) if t.goal is not None and r.ratio and r.paired else ""
             line += (f" | {fmt(r.rps):>15} {r.cpu:>7.1f} {opt(r.added_cpu, '+6.1f'):>6} {opt(r.ratio, '.2f', 'x'):>6} "
-                     f"{opt(r.paired, '.2f', 'x'):>6} {opt(r.vs_minimal, '.2f', 'x'):>8} {ok:>4}")
+                     f"{opt(r.paired, '.2f', 'x'):>6} {opt(r.vs_minimal, '.2f', 'x'):>8} "
+                     f"{opt(r.vs_floor, '.2f', 'x'):>8} {ok:>4}")
         print(line + (f" | >= {t0.goal:.2f}x {t0.baseline}" if t0.goal else
-                      " | (calibration)" if t0.name == CALIBRATION else " |"))
+                      " | (calibration)" if t0.name in (CALIBRATION, FLOOR) else " |"))
     if args.latency_rounds:
         print(f"\nAdded latency at {fmt(args.rate)} req/s (open loop): p50 and p99 in ms, and the difference to the "
               f"baseline")
