@@ -155,6 +155,13 @@ class AwaitingRoundTrip:
             for future in batch:
                 future.set_result(None)
 
+    async def aclose(self) -> None:
+        """Close the connection (a server process just exits; a test closes it)."""
+        if self.connection is not None:
+            writer, self.connection = self.connection[1], None
+            writer.close()
+            await writer.wait_closed()
+
 
 def _limit() -> int:
     return int(os.environ.get("QUOTA_LIMIT", "-1"))
