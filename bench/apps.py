@@ -148,12 +148,16 @@ class AwaitingRoundTrip:
                 if await reader.readexactly(7) != b"+PONG\r\n":
                     raise ConnectionError("Redis did not answer PING with +PONG")
             except (OSError, asyncio.IncompleteReadError) as exc:  # every waiting request hears of it
-                self.connection = None
+                if self.connection is not None:
+                    self.connection[1].close()
+                    self.connection = None
                 for future in batch:
-                    future.set_exception(ConnectionError(f"Redis round trip failed: {exc!r}"))
+                    if not future.done():  # (a request cancelled meanwhile is not answered)
+                        future.set_exception(ConnectionError(f"Redis round trip failed: {exc!r}"))
                 continue
             for future in batch:
-                future.set_result(None)
+                if not future.done():
+                    future.set_result(None)
 
     async def aclose(self) -> None:
         """Close the connection (a server process just exits; a test closes it)."""

@@ -70,3 +70,17 @@ async def test_a_redis_that_is_gone_fails_the_waiting_requests(redis_server: Red
         # The next round trip connects again: a Redis that came back is used.
         app.address = ("127.0.0.1", redis_server.port)
         assert (await client.post("/v1/secrets", json={"name": "s"})).status_code == 201
+
+
+async def test_a_request_cancelled_while_waiting_does_not_stall_the_others(redis_server: RedisServer,
+                                                                           closing: list[Any]) -> None:
+    apps = bench_apps()
+    app = apps.AwaitingRoundTrip(apps.build_app(), redis_server.url)
+    closing.append(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+        gone = asyncio.ensure_future(client.post("/v1/secrets", json={"name": "gone"}))
+        kept = asyncio.ensure_future(client.post("/v1/secrets", json={"name": "kept"}))
+        await asyncio.sleep(0)  # both are waiting for the same round trip
+        gone.cancel()
+        assert (await asyncio.wait_for(kept, timeout=10)).status_code == 201
+        assert (await client.post("/v1/secrets", json={"name": "next"})).status_code == 201
