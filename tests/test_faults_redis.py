@@ -473,25 +473,26 @@ async def test_settlements_refused_by_a_read_only_redis_are_applied_once_it_take
     store = RedisStore(redis_proc.url, timeout=STORE_TIMEOUT, clock=clock)
     try:
         assert await store.charge(BUCKET, 2) == 2
-        kept, dropped = [(await store.reserve(BUCKET, 1, 10, 30_000)).reservation for _ in range(2)]
-        assert kept and dropped
+        kept, also_kept, dropped = [(await store.reserve(BUCKET, 1, 10, 30_000)).reservation for _ in range(3)]
+        assert kept and also_kept and dropped
         # A failover demotes this node: a replica of a master that is not there keeps its data and
         # refuses writes.
         await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
-        await store.commit(kept)
+        await store.commit(kept)  # the two commits: one operation (see RedisStore._take)
+        await store.commit(also_kept)
         await store.refund(dropped)
         with pytest.raises(StoreError, match="READONLY"):
             await store.release(BUCKET, 1)
         await store.flush()
-        assert await store.usage(BUCKET) == 4  # nothing applied yet
+        assert await store.usage(BUCKET) == 5  # nothing applied yet
         await asyncio.sleep(0.5)
 
         await admin.execute_command("REPLICAOF", "NO", "ONE")
-        await wait_for(lambda: _usage_is(store, 2), 5.0, "the settlements refused by a replica")
+        await wait_for(lambda: _usage_is(store, 3), 5.0, "the settlements refused by a replica")
         clock.advance(31)
         await asyncio.sleep(0.5)
-        assert await store.usage(BUCKET) == 2
-        assert await store.commits(BUCKET) == 1
+        assert await store.usage(BUCKET) == 3
+        assert await store.commits(BUCKET) == 2
         assert "gave up on a quota settlement" not in caplog.text
     finally:
         await store.aclose()

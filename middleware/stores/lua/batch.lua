@@ -18,7 +18,8 @@
 --       KEYS from the index, five each. Its settlement is one operation too: "<index> C <id> <n>
 --       <amount key-expiry>;..." commits every bucket's lease as c would, F refunds them as f.
 -- Kinds: r reserve, G reserve in several buckets, all or nothing (below), C / F commit / refund
---        every bucket of a group, c commit, f refund
+--        every bucket of a group, c commit (its member: one lease, or several of the same amount
+--        joined by commas; each applied as if sent alone), f refund
 --        (with a lease expiry: the give-back of a reservation nobody holds, which takes only that
 --        very lease), l release, u usage, s set usage (member: '-', or the commit total read
 --        before the true usage was, whose commits since are added), k commit total, m metering
@@ -146,6 +147,23 @@ end
 
 local DUPLICATE = -3
 
+-- One lease's commit: 1 if it held its lease.
+local function commit(counter, leases, settled, commits, member, amount, at)
+  if redis.call('ZREM', leases, member) == 1 then
+    add(commits, amount, at)
+    return 1
+  end
+  -- The lease expired and its cost was given back, but the creation happened: count it again
+  -- (once: a commit sent again finds nothing left to do).
+  if redis.call('ZSCORE', settled, member) then
+    local used = used_of(counter)
+    add(commits, amount, at)
+    redis.call('ZREM', settled, member)
+    set_used(counter, used + amount, at)
+  end
+  return 0
+end
+
 local function apply(counter, leases, settled, commits, kind, member, amount, limit, lease_until, at)
   if kind == 'r' then
     if redis.call('ZADD', leases, 'NX', lease_until, member) == 0 then
@@ -173,19 +191,16 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
     end
     return 1, used
   elseif kind == 'c' then
-    if redis.call('ZREM', leases, member) == 1 then
-      add(commits, amount, at)
-      return 1, 0  -- nobody reads a commit's usage
+    -- One lease, or several of the same amount separated by commas (ids never hold one): each
+    -- committed as if sent alone, one's failure stopping none of the others (all of them are sent
+    -- again, which a commit bears).
+    local flag, failed = 0, nil
+    for one in string.gmatch(member, '[^,]+') do
+      local ok, held = pcall(commit, counter, leases, settled, commits, one, amount, at)
+      if not ok then failed = failed or held elseif held == 1 then flag = 1 end
     end
-    -- The lease expired and its cost was given back, but the creation happened: count it again
-    -- (once: a commit sent again finds nothing left to do).
-    if redis.call('ZSCORE', settled, member) then
-      local used = used_of(counter)
-      add(commits, amount, at)
-      redis.call('ZREM', settled, member)
-      return 0, set_used(counter, used + amount, at)
-    end
-    return 0, 0
+    if failed then error(failed, 0) end
+    return flag, 0  -- nobody reads a commit's usage
   elseif kind == 'f' then
     local used = used_of(counter)
     -- A give-back takes only the lease of that very reservation (same expiry), never another's,
