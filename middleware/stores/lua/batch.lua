@@ -147,12 +147,9 @@ end
 
 local DUPLICATE = -3
 
--- One lease's commit: 1 if it held its lease.
+-- One lease's commit: 1 if it held its lease (the caller adds its amount to the commit total).
 local function commit(counter, leases, settled, commits, member, amount, at)
-  if redis.call('ZREM', leases, member) == 1 then
-    add(commits, amount, at)
-    return 1
-  end
+  if redis.call('ZREM', leases, member) == 1 then return 1 end
   -- The lease expired and its cost was given back, but the creation happened: count it again
   -- (once: a commit sent again finds nothing left to do).
   if redis.call('ZSCORE', settled, member) then
@@ -194,13 +191,14 @@ local function apply(counter, leases, settled, commits, kind, member, amount, li
     -- One lease, or several of the same amount separated by commas (ids never hold one): each
     -- committed as if sent alone, one's failure stopping none of the others (all of them are sent
     -- again, which a commit bears).
-    local flag, failed = 0, nil
+    local held, failed = 0, nil
     for one in string.gmatch(member, '[^,]+') do
-      local ok, held = pcall(commit, counter, leases, settled, commits, one, amount, at)
-      if not ok then failed = failed or held elseif held == 1 then flag = 1 end
+      local ok, took = pcall(commit, counter, leases, settled, commits, one, amount, at)
+      if not ok then failed = failed or took else held = held + took end
     end
+    if held > 0 then add(commits, held * amount, at) end  -- one write for them all
     if failed then error(failed, 0) end
-    return flag, 0  -- nobody reads a commit's usage
+    return held > 0 and 1 or 0, 0  -- nobody reads a commit's usage
   elseif kind == 'f' then
     local used = used_of(counter)
     -- A give-back takes only the lease of that very reservation (same expiry), never another's,
