@@ -517,8 +517,9 @@ class RedisStore(Store, SharedState):
 
     @property
     def pending_settlements(self) -> int:
-        """Settlements waiting to be sent again (Redis failed or refused them)."""
-        return len(self._retry)
+        """Settlements waiting to be sent again (Redis failed or refused them); each commit of a
+        line of commits counts."""
+        return sum(_settlements(op) for op in self._retry)
 
     def on_data_loss(self, callback: Callable[[], Any], *, heal: bool = False) -> None:
         self.integrity.on_loss(callback, heal=heal)
@@ -835,7 +836,7 @@ class RedisStore(Store, SharedState):
         if op.retry_since is None:
             return
         if not retry or time.monotonic() - op.retry_since > RETRY_FOR or len(self._retry) >= MAX_RETRY_QUEUE:
-            logger.error(SETTLEMENT_LOST, op.kind, error)
+            logger.error(SETTLEMENT_LOST, op.kind if _settlements(op) == 1 else f"{op.kind} x{_settlements(op)}", error)
             return
         self._retry.append(op._replace(future=None))
         if self._retry_timer is None:
@@ -862,6 +863,11 @@ class RedisStore(Store, SharedState):
             raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"Redis unreachable: {exc}") from exc
+
+
+def _settlements(op: _Op) -> int:
+    """How many settlements an operation carries: a line of commits carries one per lease."""
+    return op.member.count(",") + 1 if op.kind == COMMIT else 1
 
 
 def _text(value: Any) -> str:
