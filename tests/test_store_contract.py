@@ -519,6 +519,31 @@ async def test_redis_sends_the_commits_of_one_bucket_and_cost_as_one_operation(
         assert await store.client.zcard(counter_keys(store.prefix, bucket.project, bucket.resource)[1]) == 0
 
 
+async def test_redis_sends_the_commits_of_groups_of_the_same_claims_as_one_operation(
+        store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = getattr(store, "inner", store)
+    if not isinstance(store, RedisStore):
+        pytest.skip("a Redis store's batching")
+    other = Bucket(B.project, "others")
+    claims = (Claim(B, 1, -1), Claim(other, 2, -1))  # a plan's claims: the same tuple every request
+    held = [[d.reservation for d in await store.reserve_all(claims, LEASE)] for _ in range(4)]
+    sent: list[tuple[str, int]] = []
+    send = store._send
+
+    async def spy(ops: list) -> None:  # type: ignore[type-arg]
+        sent.extend((op.kind, len(op.member.split(","))) for op in ops)
+        await send(ops)
+
+    monkeypatch.setattr(store, "_send", spy)
+    for reservations in held[:3]:
+        assert store.settle_all_nowait(reservations, True)  # type: ignore[arg-type]
+    assert store.settle_all_nowait(held[3], False)  # type: ignore[arg-type]
+    await store.flush()
+    assert sorted(sent) == [("C", 3), ("F", 1)]
+    clock.advance(LEASE / 1000 + 1)  # nothing is left to expire: the three groups stay counted
+    assert [await store.usage(b) for b in (B, other)] == [3, 6]
+    assert [await store.commits(b) for b in (B, other)] == [3, 6]
+
 async def test_a_commit_of_several_leases_takes_each_lease_even_on_a_corrupt_commit_total(
         store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     store = getattr(store, "inner", store)

@@ -256,8 +256,10 @@ class RedisStore(Store, SharedState):
         self._generation = 0
         self._last_read: asyncio.Future[None] | None = None
         self._queue: list[_Op] = []
-        #: Commits handed over since the last call, by bucket and cost: their lease members.
+        #: Commits handed over since the last call, by bucket and cost (their lease members), and
+        #: by group (their group ids; see _settle_group).
         self._commits: dict[tuple[Bucket, int], list[str]] = {}
+        self._group_commits: dict[int, tuple[_Group, list[str]]] = {}
         self._groups: dict[int, tuple[Sequence[Claim], _Group]] = {}
         #: Admitted groups not settled yet, by id (see settle_all_nowait).
         self._held: dict[str, _Group] = {}
@@ -407,9 +409,19 @@ class RedisStore(Store, SharedState):
 
     def _settle_group(self, group: _Group, group_id: str, keep: bool) -> None:
         """Hand over the settlement of a group's every reservation: one operation, sent again
-        until Redis applies it (each bucket's settlement is idempotent)."""
-        self._enqueue(tuple.__new__(_Op, (group.keys, COMMIT_GROUP if keep else REFUND_GROUP, group_id, 0, 0, 0, "",
-                                          None, time.monotonic(), None, group, False)))
+        until Redis applies it (each bucket's settlement is idempotent). Commits wait for the next
+        call beside the others of the same claims, as single commits do (see _take)."""
+        if not keep:
+            self._enqueue(tuple.__new__(_Op, (group.keys, REFUND_GROUP, group_id, 0, 0, 0, "", None, time.monotonic(),
+                                              None, group, False)))
+            return
+        waiting = self._group_commits.get(id(group))
+        if waiting is not None:
+            waiting[1].append(group_id)
+            return
+        self._group_commits[id(group)] = (group, [group_id])  # holding the group: its id stays its own
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
 
     def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
         """A group's reservations, settled in one operation (sent again until Redis applies it: each
@@ -556,22 +568,26 @@ class RedisStore(Store, SharedState):
         # Started with create_task, so it first runs after the current tick: everything enqueued
         # in that tick, and during each round trip, travels together.
         if self._cluster:
-            while self._queue or self._commits:
+            while self._waiting():
                 batch = self._take(MAX_BATCH)
                 await asyncio.gather(*(self._send_bounded(group) for group in self._by_slot(batch)))
             return
         if self.pipeline == 1:  # one call at a time: no task of its own per call
-            while self._queue or self._commits:
+            while self._waiting():
                 await self._send(self._take(MAX_BATCH))
             return
         loop = asyncio.get_running_loop()
         in_flight: set[asyncio.Task[None]] = set()
-        while self._queue or self._commits or in_flight:
-            if (self._queue or self._commits) and len(in_flight) < self.pipeline:
+        while in_flight or self._waiting():
+            if len(in_flight) < self.pipeline and self._waiting():
                 size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // self.pipeline))
                 in_flight.add(loop.create_task(self._send(self._take(size))))
                 continue
             _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+
+    def _waiting(self) -> bool:
+        """Whether operations wait to be sent."""
+        return bool(self._queue or self._commits or self._group_commits)
 
     def _take(self, size: int) -> list[_Op]:
         """The next ``size`` operations, for one call.
@@ -584,10 +600,14 @@ class RedisStore(Store, SharedState):
         expired, counts a creation that already happened), and its reservation was answered
         before it was handed over.
         """
-        if self._commits:
-            since, commits, self._commits = time.monotonic(), self._commits, {}
-            self._queue[:0] = [_op(self.prefix, bucket, COMMIT, cost, 0, ",".join(members), retry_since=since)
-                               for (bucket, cost), members in commits.items()]
+        if self._commits or self._group_commits:
+            since, commits, groups = time.monotonic(), self._commits, self._group_commits
+            self._commits, self._group_commits = {}, {}
+            self._queue[:0] = [
+                *[_op(self.prefix, bucket, COMMIT, cost, 0, ",".join(members), retry_since=since)
+                  for (bucket, cost), members in commits.items()],
+                *[tuple.__new__(_Op, (group.keys, COMMIT_GROUP, ",".join(ids), 0, 0, 0, "", None, since, None, group,
+                                      False)) for group, ids in groups.values()]]
         batch, self._queue = self._queue[:size], self._queue[size:]
         return batch
 
@@ -867,7 +887,7 @@ class RedisStore(Store, SharedState):
 
 def _settlements(op: _Op) -> int:
     """How many settlements an operation carries: a line of commits carries one per lease."""
-    return op.member.count(",") + 1 if op.kind == COMMIT else 1
+    return op.member.count(",") + 1 if op.kind == COMMIT or op.kind == COMMIT_GROUP else 1
 
 
 def _text(value: Any) -> str:

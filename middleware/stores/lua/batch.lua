@@ -16,7 +16,8 @@
 --       its own form: "<index> G <id> <lease expiry ms> <n> <bucket>;<bucket>;..." with n
 --       buckets of "amount limit key-expiry scale field"; its buckets' keys are consecutive in
 --       KEYS from the index, five each. Its settlement is one operation too: "<index> C <id> <n>
---       <amount key-expiry>;..." commits every bucket's lease as c would, F refunds them as f.
+--       <amount key-expiry>;..." commits every bucket's lease as c would (C: of several groups, ids
+--       joined by commas), F refunds them as f.
 -- Kinds: r reserve, G reserve in several buckets, all or nothing (below), C / F commit / refund
 --        every bucket of a group, c commit (its member: one lease, or several of the same amount
 --        joined by commas; each applied as if sent alone), f refund
@@ -317,14 +318,17 @@ local function reserve_group(k, id, lease_until, count, parts)
 end
 
 -- A group's settlement: each bucket's as c (or f) would, each answered (a failure in one does
--- not stop the others; the whole is sent again, which each bucket's settlement bears).
+-- not stop the others; the whole is sent again, which each bucket's settlement bears). A commit
+-- may carry several groups of the same buckets, their ids joined by commas: each bucket commits
+-- every group's lease there at once.
 local function settle_group(k, kind, id, count, parts)
   local n = 0
   for amount, at in string.gmatch(parts, '(%d+) (%d+)') do
     local base = k + 5 * n
     n = n + 1
+    local members = string.gsub(id, '[^,]+', '%0:' .. amount)
     local ok, flag, used = pcall(apply, KEYS[base], KEYS[base + 1], KEYS[base + 2], KEYS[base + 4], kind,
-      id .. ':' .. amount, tonumber(amount), 0, 0, tonumber(at))
+      members, tonumber(amount), 0, 0, tonumber(at))
     if not ok then flag, used = failure(flag) end
     answer(flag, used, 0)
   end
