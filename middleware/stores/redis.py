@@ -67,6 +67,7 @@ from .base import (
     new_id,
     new_member,
 )
+from .batch_connection import BatchConnection, PooledConnection
 from .integrity import IntegrityWatch
 
 logger = logging.getLogger("middleware.store")
@@ -247,14 +248,11 @@ class RedisStore(Store, SharedState):
         self._unlock_script = redis.register_script(UNLOCK_SCRIPT)
         self._overrides_script = redis.register_script(OVERRIDES_SCRIPT)
         self._cluster = isinstance(redis, RedisCluster)
-        # On one Redis the batches travel on a connection held from the client's pool, past its
-        # retry and instrumentation layers, which cost several times the round trip's own CPU.
-        self._batch_connection: Any = None
-        self._socket_timeout: float | None = None
-        self._writing = asyncio.Lock()
-        #: Bumped whenever the batch connection is dropped: calls written before cannot be read.
-        self._generation = 0
-        self._last_read: asyncio.Future[None] | None = None
+        # On one Redis the batches travel on a connection held from the client's pool and taken
+        # over (see batch_connection.py), past redis-py's retry, instrumentation and read layers,
+        # which cost several times the round trip's own CPU.
+        self._batch_connection: BatchConnection | PooledConnection | None = None
+        self._connecting = asyncio.Lock()
         self._queue: list[_Op] = []
         #: Commits handed over since the last call, by bucket and cost (their lease members), and
         #: by group (their group ids; see _settle_group).
@@ -546,8 +544,7 @@ class RedisStore(Store, SharedState):
         await self.integrity.aclose()
         if self._batch_connection is not None:
             connection, self._batch_connection = self._batch_connection, None
-            connection.socket_timeout = self._socket_timeout
-            await self._pool().release(connection)
+            await connection.aclose(self._pool())
         if self._owns_client:
             await self.client.aclose()
 
@@ -783,71 +780,40 @@ class RedisStore(Store, SharedState):
                 reconnected = True
 
     async def _pipelined(self, command: bytes, written: list[bool] | None = None) -> Any:
-        """Write one call on the batch connection; read its reply once the calls before it have read theirs.
+        """Write one call on the batch connection and await its reply (calls written before it are
+        answered before it).
 
         ``written`` gets an entry once the call may have reached Redis.
         """
-        async with self._writing:  # the order of the writes is the order of the replies
-            if self._batch_connection is None:
-                # Held from the client's pool, and closed with it if the store is not closed first.
-                connection = await self._pool().get_connection()  # type: ignore[no-untyped-call]
-                # Every call on it is bounded by _guard; a socket timeout would add a task per
-                # write and per read. Given back as it came (see aclose).
-                self._socket_timeout, connection.socket_timeout = connection.socket_timeout, None
-                self._batch_connection = connection
-            elif self._closed_while_idle():
-                await self._drop_connection(self._generation)
-            connection, generation = self._batch_connection, self._generation
-            if not connection.is_connected:
-                await connection.connect()  # a call that fails here never reached Redis
-                self.integrity.soon()  # a new connection may be to a Redis that restarted empty
-            previous, read = self._last_read, asyncio.get_running_loop().create_future()
-            self._last_read = read
-            if written is not None:
-                written.append(True)
-            try:
-                await connection.send_packed_command(command, check_health=False)
-            except BaseException:
-                read.set_result(None)
-                await self._drop_connection(generation)
-                raise
+        connection = self._batch_connection
+        if connection is None or connection.lost:  # first use, or Redis closed it (idle, restart)
+            async with self._connecting:
+                connection = self._batch_connection
+                if connection is None or connection.lost:
+                    self._batch_connection = None
+                    if connection is not None:
+                        await connection.aclose(self._pool())
+                    # Held from the client's pool, and closed with it if the store is not closed first.
+                    connection = self._batch_connection = await BatchConnection.open(self._pool())
+                    self.integrity.soon()  # a new connection may be to a Redis that restarted empty
+        if written is not None:
+            written.append(True)
+        answer = connection.call(command)
         try:
-            if previous is not None and not previous.done():
-                await asyncio.shield(previous)
-            if self._generation != generation:
-                raise redis_errors.ConnectionError("the Redis connection was reset while this call was in flight")
-            return await connection.read_response()
-        except redis_errors.ResponseError:
-            raise  # an error reply was read: the connection is still in step
+            reply = await answer
         except BaseException:
-            # A call written but not read would leave its reply to the next reader.
-            await self._drop_connection(generation)
+            # Cut off (the store's timeout) or failed: the calls behind it would wait on a Redis
+            # that does not answer, or read a reply that is not theirs. The next call reconnects.
+            connection.close()
             raise
-        finally:
-            if not read.done():
-                read.set_result(None)
-
-    def _closed_while_idle(self) -> bool:
-        """Whether Redis closed the batch connection since its last call (an idle timeout, a restart).
-
-        Asks only what the event loop already read from the socket: no round trip. redis-py's own
-        health check, bypassed on this connection, would cost one.
-        """
-        if self._last_read is not None and not self._last_read.done():
-            return False  # calls in flight: it is not idle, and they would fail with it anyway
-        reader = getattr(self._batch_connection, "_reader", None)  # None, or a test double's, elsewhere
-        return isinstance(reader, asyncio.StreamReader) and (reader.at_eof() or reader.exception() is not None)
+        if isinstance(reply, redis_errors.ResponseError):
+            raise reply  # an error reply was read: the connection is still in step
+        return reply
 
     def _pool(self) -> aioredis.ConnectionPool:
         """The pool the batch connection comes from (one Redis only: a cluster routes each call)."""
         assert isinstance(self.client, aioredis.Redis)
         return self.client.connection_pool
-
-    async def _drop_connection(self, generation: int) -> None:
-        if self._generation != generation or self._batch_connection is None:
-            return  # already dropped (the next write reconnects)
-        self._generation += 1
-        await self._batch_connection.disconnect(nowait=True)
 
     def _fail(self, op: _Op, error: StoreError, *, retry: bool) -> None:
         # A group's future: the first failure answers the whole group.
