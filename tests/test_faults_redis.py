@@ -621,3 +621,54 @@ async def _answers_reserve(store: RedisStore) -> bool:
         return (await store.reserve(BUCKET, 1, 10, 30_000)).admitted
     except StoreError:
         return False
+
+
+# -- a reply that cannot be read ------------------------------------------------------------------
+
+async def test_a_reply_that_cannot_be_read_is_asked_again_on_a_new_connection_and_counts_once(
+        redis_proc: RedisServer, clock: FakeClock) -> None:
+    # A proxy in front of redis-server that garbles the first reply to a script call (a broken
+    # network device, a proxy speaking another protocol): the connection is dropped, the call is
+    # sent again once on a new one (as after any connection lost mid-call), and what Redis ran
+    # twice counts once.
+    garbled: list[bytes] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scripted: list[bool]) -> None:
+        try:
+            while data := await reader.read(65536):
+                if scripted and scripted[0] and not garbled:
+                    garbled.append(data)
+                    data = b"?not redis\r\n"
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def client(down_reader: asyncio.StreamReader, down_writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", redis_proc.port)
+        scripted: list[bool] = [False]
+
+        async def upward() -> None:
+            try:
+                while data := await down_reader.read(65536):
+                    scripted[0] = scripted[0] or b"EVALSHA" in data
+                    up_writer.write(data)
+                    await up_writer.drain()
+            finally:
+                up_writer.close()
+
+        await asyncio.gather(upward(), relay(up_reader, down_writer, scripted), return_exceptions=True)
+
+    proxy = await asyncio.start_server(client, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=STORE_TIMEOUT, clock=clock)
+    try:
+        decision = await store.reserve(BUCKET, 1, 10, 30_000)
+        assert garbled  # the reply Redis sent was replaced
+        assert decision.admitted and decision.used == 1
+        assert await store.usage(BUCKET) == 1
+        assert (await store.reserve(BUCKET, 1, 10, 30_000)).used == 2
+    finally:
+        await store.aclose()
+        proxy.close()
+        await proxy.wait_closed()
