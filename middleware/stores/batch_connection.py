@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis._parsers.base import BaseParser
 
 
 class BatchConnection(asyncio.Protocol):
     """Calls written one after another; each one's future answered with its reply, in order.
 
-    A reply Redis sent as an error is the call's ResponseError (NoScriptError for NOSCRIPT), set as
-    the future's result: the connection is still in step. Once the connection is lost, every call
+    A reply Redis sent as an error is the call's ResponseError (of the class redis-py's own reader
+    would make: NoScriptError for NOSCRIPT...), set as the future's result: the connection is still
+    in step. Once the connection is lost, every call
     waiting fails with ConnectionError and ``lost`` is true: open another.
     """
 
     def __init__(self, connection: aioredis.Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._connection = connection
         self._loop = loop
-        self._reader = hiredis.Reader(replyError=redis_errors.ResponseError)
+        self._reader = hiredis.Reader(replyError=BaseParser.parse_error)
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._transport: Any = None  # asyncio's, or uvloop's (not an asyncio.Transport subclass)
         #: redis-py's stream protocol, told when the connection is lost: whoever closes redis-py's
@@ -84,8 +85,6 @@ class BatchConnection(asyncio.Protocol):
             while (reply := self._reader.gets()) is not False:
                 if isinstance(reply, hiredis.PushNotification):
                     continue  # out of band (RESP3): no call's reply
-                if isinstance(reply, redis_errors.ResponseError) and str(reply).startswith("NOSCRIPT"):
-                    reply = redis_errors.NoScriptError(str(reply))
                 if not self._waiting:
                     raise redis_errors.InvalidResponse("Redis answered a call that was never made")
                 future = self._waiting.popleft()
@@ -110,7 +109,6 @@ class BatchConnection(asyncio.Protocol):
                 future.set_exception(error)
 
 
-
 class PooledConnection:
     """BatchConnection's calls through redis-py's own connection, one at a time: for connections
     with no socket transport to take over (fakeredis's)."""
@@ -120,10 +118,7 @@ class PooledConnection:
         self._one_at_a_time = asyncio.Lock()
         self.lost = False
 
-    def call(self, command: bytes) -> Awaitable[Any]:
-        return self._call(command)
-
-    async def _call(self, command: bytes) -> Any:
+    async def call(self, command: bytes) -> Any:
         async with self._one_at_a_time:
             if self.lost:
                 raise redis_errors.ConnectionError("the Redis connection is closed")
