@@ -494,6 +494,20 @@ async def test_commits_handed_over_together_are_each_kept_once(store: Store, clo
     assert await store.usage(B) == 10
 
 
+def _operations_sent(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """What ``store`` sends from now on: each operation's kind, and how many members (or group
+    ids) it carries."""
+    sent: list[tuple[str, int]] = []
+    send = store._send
+
+    async def spy(ops: list) -> None:  # type: ignore[type-arg]
+        sent.extend((op.kind, len(op.member.split(","))) for op in ops)
+        await send(ops)
+
+    monkeypatch.setattr(store, "_send", spy)
+    return sent
+
+
 async def test_redis_sends_the_commits_of_one_bucket_and_cost_as_one_operation(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store = getattr(store, "inner", store)
@@ -502,18 +516,11 @@ async def test_redis_sends_the_commits_of_one_bucket_and_cost_as_one_operation(
     other = Bucket(B.project, "others")
     held = [(await store.reserve(bucket, cost, -1, LEASE)).reservation
             for bucket, cost in [(B, 1)] * 5 + [(B, 3)] * 2 + [(other, 1)] * 2]
-    sent: list[list[tuple[str, int]]] = []
-    send = store._send
-
-    async def spy(ops: list) -> None:  # type: ignore[type-arg]
-        sent.append(sorted((op.kind, len(op.member.split(","))) for op in ops))
-        await send(ops)
-
-    monkeypatch.setattr(store, "_send", spy)
+    sent = _operations_sent(store, monkeypatch)
     for reservation in held:
         await store.commit(reservation)  # type: ignore[arg-type]
     await store.flush()
-    assert sorted(op for ops in sent for op in ops) == [("c", 2), ("c", 2), ("c", 5)]
+    assert sorted(sent) == [("c", 2), ("c", 2), ("c", 5)]
     assert [await store.commits(b) for b in (B, other)] == [11, 2]
     for bucket in (B, other):
         assert await store.client.zcard(counter_keys(store.prefix, bucket.project, bucket.resource)[1]) == 0
@@ -527,14 +534,7 @@ async def test_redis_sends_the_commits_of_groups_of_the_same_claims_as_one_opera
     other = Bucket(B.project, "others")
     claims = (Claim(B, 1, -1), Claim(other, 2, -1))  # a plan's claims: the same tuple every request
     held = [[d.reservation for d in await store.reserve_all(claims, LEASE)] for _ in range(4)]
-    sent: list[tuple[str, int]] = []
-    send = store._send
-
-    async def spy(ops: list) -> None:  # type: ignore[type-arg]
-        sent.extend((op.kind, len(op.member.split(","))) for op in ops)
-        await send(ops)
-
-    monkeypatch.setattr(store, "_send", spy)
+    sent = _operations_sent(store, monkeypatch)
     for reservations in held[:3]:
         assert store.settle_all_nowait(reservations, True)  # type: ignore[arg-type]
     assert store.settle_all_nowait(held[3], False)  # type: ignore[arg-type]

@@ -254,10 +254,9 @@ class RedisStore(Store, SharedState):
         self._batch_connection: BatchConnection | PooledConnection | None = None
         self._connecting = asyncio.Lock()
         self._queue: list[_Op] = []
-        #: Commits handed over since the last call, by bucket and cost (their lease members), and
-        #: by group (their group ids; see _settle_group).
-        self._commits: dict[tuple[Bucket, int], list[str]] = {}
-        self._group_commits: dict[int, tuple[_Group, list[str]]] = {}
+        #: Commits handed over since the last call, by bucket and cost or by group (its id): the
+        #: operation that will carry them, and their lease members or group ids (see _take).
+        self._commits: dict[tuple[Bucket, int] | int, tuple[_Op, list[str]]] = {}
         self._groups: dict[int, tuple[Sequence[Claim], _Group]] = {}
         #: Admitted groups not settled yet, by id (see settle_all_nowait).
         self._held: dict[str, _Group] = {}
@@ -391,13 +390,12 @@ class RedisStore(Store, SharedState):
         if not keep:
             self._enqueue(_op(self.prefix, bucket, REFUND, cost, 0, member, retry_since=time.monotonic()))
             return True
-        members = self._commits.get((bucket, cost))
-        if members is not None:
-            members.append(member)
+        waiting = self._commits.get((bucket, cost))
+        if waiting is not None:
+            waiting[1].append(member)
             return True
-        self._commits[(bucket, cost)] = [member]
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        self._commits[(bucket, cost)] = (_op(self.prefix, bucket, COMMIT, cost, 0), [member])
+        self._wake()
         return True
 
     def settle_taken_all_nowait(self, claims: Sequence[ClaimLike], taken: Sequence[Taken], keep: bool) -> bool:
@@ -410,16 +408,15 @@ class RedisStore(Store, SharedState):
         until Redis applies it (each bucket's settlement is idempotent). Commits wait for the next
         call beside the others of the same claims, as single commits do (see _take)."""
         if not keep:
-            self._enqueue(tuple.__new__(_Op, (group.keys, REFUND_GROUP, group_id, 0, 0, 0, "", None, time.monotonic(),
-                                              None, group, False)))
+            self._enqueue(_settlement(group, REFUND_GROUP, group_id))
             return
-        waiting = self._group_commits.get(id(group))
+        waiting = self._commits.get(id(group))
         if waiting is not None:
             waiting[1].append(group_id)
             return
-        self._group_commits[id(group)] = (group, [group_id])  # holding the group: its id stays its own
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        # The operation holds the group: its id stays its own while it waits.
+        self._commits[id(group)] = (_settlement(group, COMMIT_GROUP), [group_id])
+        self._wake()
 
     def settle_all_nowait(self, reservations: Sequence[Reservation], keep: bool) -> bool:
         """A group's reservations, settled in one operation (sent again until Redis applies it: each
@@ -558,6 +555,11 @@ class RedisStore(Store, SharedState):
 
     def _enqueue(self, op: _Op) -> None:
         self._queue.append(op)
+        if self._worker is None or self._worker.done():  # asked here first: every operation comes here
+            self._wake()
+
+    def _wake(self) -> None:
+        """Have what waits sent: start the task that sends it, unless it runs."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
 
@@ -565,46 +567,38 @@ class RedisStore(Store, SharedState):
         # Started with create_task, so it first runs after the current tick: everything enqueued
         # in that tick, and during each round trip, travels together.
         if self._cluster:
-            while self._waiting():
+            while self._queue or self._commits:
                 batch = self._take(MAX_BATCH)
                 await asyncio.gather(*(self._send_bounded(group) for group in self._by_slot(batch)))
             return
         if self.pipeline == 1:  # one call at a time: no task of its own per call
-            while self._waiting():
+            while self._queue or self._commits:
                 await self._send(self._take(MAX_BATCH))
             return
         loop = asyncio.get_running_loop()
         in_flight: set[asyncio.Task[None]] = set()
-        while in_flight or self._waiting():
-            if len(in_flight) < self.pipeline and self._waiting():
+        while self._queue or self._commits or in_flight:
+            if (self._queue or self._commits) and len(in_flight) < self.pipeline:
                 size = MAX_BATCH if in_flight else max(FIRST_CALL_MIN, -(-len(self._queue) // self.pipeline))
                 in_flight.add(loop.create_task(self._send(self._take(size))))
                 continue
             _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
 
-    def _waiting(self) -> bool:
-        """Whether operations wait to be sent."""
-        return bool(self._queue or self._commits or self._group_commits)
-
     def _take(self, size: int) -> list[_Op]:
         """The next ``size`` operations, for one call.
 
         The commits handed over since the last call go first, one operation per bucket and cost
-        (its members joined by commas), whatever their number: under load most requests of a call
+        (its members joined by commas) or per group of the same claims (its ids joined by commas),
+        whatever their number: under load most requests of a call
         commit in one bucket, and each operation costs the worker and the script more than its
         members do. Going ahead of operations handed over before them changes no answer: a commit
         moves a lease to the commit total and leaves the usage as it was (a late one, whose lease
         expired, counts a creation that already happened), and its reservation was answered
         before it was handed over.
         """
-        if self._commits or self._group_commits:
-            since, commits, groups = time.monotonic(), self._commits, self._group_commits
-            self._commits, self._group_commits = {}, {}
-            self._queue[:0] = [
-                *[_op(self.prefix, bucket, COMMIT, cost, 0, ",".join(members), retry_since=since)
-                  for (bucket, cost), members in commits.items()],
-                *[tuple.__new__(_Op, (group.keys, COMMIT_GROUP, ",".join(ids), 0, 0, 0, "", None, since, None, group,
-                                      False)) for group, ids in groups.values()]]
+        if self._commits:
+            since, commits, self._commits = time.monotonic(), self._commits, {}
+            self._queue[:0] = [_carrying(op, ",".join(members), since) for op, members in commits.values()]
         batch, self._queue = self._queue[:size], self._queue[size:]
         return batch
 
@@ -822,7 +816,8 @@ class RedisStore(Store, SharedState):
         if op.retry_since is None:
             return
         if not retry or time.monotonic() - op.retry_since > RETRY_FOR or len(self._retry) >= MAX_RETRY_QUEUE:
-            logger.error(SETTLEMENT_LOST, op.kind if _settlements(op) == 1 else f"{op.kind} x{_settlements(op)}", error)
+            settlements = _settlements(op)
+            logger.error(SETTLEMENT_LOST, op.kind if settlements == 1 else f"{op.kind} x{settlements}", error)
             return
         self._retry.append(op._replace(future=None))
         if self._retry_timer is None:
@@ -849,6 +844,20 @@ class RedisStore(Store, SharedState):
             raise StoreError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"Redis unreachable: {exc}") from exc
+
+
+def _carrying(op: _Op, members: str, since: float) -> _Op:
+    """``op`` with ``members`` (sent again until applied, from ``since``). tuple.__new__: a named
+    tuple's _replace costs several times as much, for each bucket of every call."""
+    keys, kind, _, amount, limit, lease_until, tail, future, _, bucket, group, plain = op
+    return tuple.__new__(_Op, (keys, kind, members, amount, limit, lease_until, tail, future, since, bucket, group,
+                               plain))
+
+
+def _settlement(group: _Group, kind: str, group_id: str = "-") -> _Op:
+    """The commit (COMMIT_GROUP) or refund (REFUND_GROUP) of a group's every reservation, sent
+    again until Redis applies it."""
+    return tuple.__new__(_Op, (group.keys, kind, group_id, 0, 0, 0, "", None, time.monotonic(), None, group, False))
 
 
 def _settlements(op: _Op) -> int:
